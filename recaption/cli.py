@@ -1,0 +1,183 @@
+"""The ``recaption`` command line.
+
+``recaption STAGE CONFIG [KEY=VALUE ...]`` runs one stage; ``recaption run CONFIG`` runs them in
+order; ``recaption status CONFIG`` shows where a run stands. ``KEY=VALUE`` overrides a config
+value by its dotted path (``run_dir=/tmp/r``, ``download.processes=4``).
+
+Exit status: 0 when every shard succeeded, 1 when any shard failed, 2 for a config or usage
+error (nothing was touched), 3 when a stop signal interrupted the stage (rerun to finish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from recaption import __version__
+from recaption.config import STAGE_NAMES, ConfigError, RunConfig, load_config
+
+logger = logging.getLogger("recaption")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
+
+# img2dataset imports albumentations, which otherwise asks the network for updates.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _add_common(p: argparse.ArgumentParser, *, workers: bool = True) -> None:
+    p.add_argument("config", help="the run's YAML config, e.g. configs/demo.yaml")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override config values by dotted path, e.g. run_dir=/tmp/r download.processes=4",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    p.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    if workers:
+        p.add_argument(
+            "--rank",
+            type=int,
+            default=None,
+            help="this worker's index (default: SLURM array, then torchrun, then 0)",
+        )
+        p.add_argument(
+            "--world-size",
+            type=int,
+            default=None,
+            help="number of workers sharing the shards (default: as for --rank)",
+        )
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="redo outputs made with a different config instead of refusing",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for ``recaption`` and all its subcommands."""
+    from recaption.stages import STAGE_HELP
+
+    parser = argparse.ArgumentParser(
+        prog="recaption",
+        description="Recaption image datasets with LLaVA and distil KOALA text-to-image models "
+        "on the result. Every stage is resumable shard by shard.",
+        epilog="Start with: recaption run configs/demo.yaml",
+    )
+    parser.add_argument("--version", action="version", version=f"recaption {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in STAGE_NAMES:
+        p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
+        _add_common(p)
+    p = sub.add_parser(
+        "run",
+        help="run the stages in order, skipping finished shards",
+        description="Run download → caption → filter → merge → train → sample, "
+        "stopping at the first stage that fails.",
+    )
+    _add_common(p)
+    p.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, default=STAGE_NAMES[0])
+    p.add_argument("--to", dest="to_stage", choices=STAGE_NAMES, default=STAGE_NAMES[-1])
+    p = sub.add_parser(
+        "status", help="per stage: shards done / failed / pending, samples ok / failed"
+    )
+    _add_common(p, workers=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("verify", help="check dataset/MANIFEST.sha256 against the files")
+    _add_common(p, workers=False)
+    p = sub.add_parser("publish", help="upload dataset/ to the Hugging Face Hub")
+    _add_common(p, workers=False)
+    p.add_argument("--repo-id", required=True, help="ORG/NAME of the dataset repo")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
+    return parser
+
+
+def run_stage(name: str, config: RunConfig, rank: int, world_size: int, overwrite: bool) -> int:
+    """Run one stage and turn its summary into an exit status."""
+    from recaption.stages import StageContext, stage_runner
+
+    summary = stage_runner(name)(StageContext(config, rank, world_size, overwrite))
+    for message in summary.messages:
+        logger.info("%s", message)
+    (logger.info if summary.ok else logger.error)("%s", summary.describe())
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def run_pipeline(config: RunConfig, args: argparse.Namespace, rank: int, world_size: int) -> int:
+    """``recaption run``: the stages from ``--from`` to ``--to``, stopping at the first failure."""
+    first, last = STAGE_NAMES.index(args.from_stage), STAGE_NAMES.index(args.to_stage)
+    if first > last:
+        raise ConfigError(f"--from {args.from_stage} comes after --to {args.to_stage}")
+    for name in STAGE_NAMES[first : last + 1]:
+        logger.info("=== stage %s ===", name)
+        code = run_stage(name, config, rank, world_size, args.overwrite)
+        if code != EXIT_OK:
+            logger.error(
+                "stage %s did not finish (exit %d); fix the failures listed above, then resume "
+                "with: recaption run %s --from %s",
+                name,
+                code,
+                config.source,
+                name,
+            )
+            return code
+    from recaption.status import where_to_look
+
+    for line in where_to_look(config):
+        logger.info("%s", line)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``recaption`` console script."""
+    from recaption.distributed import resolve_rank
+    from recaption.logs import setup_logging
+
+    args = build_parser().parse_args(argv)
+    verbosity = args.verbose - args.quiet
+    try:
+        rank, world_size = (0, 1)
+        if hasattr(args, "rank"):
+            rank, world_size = resolve_rank(args.rank, args.world_size)
+        setup_logging(verbosity, rank if world_size > 1 else None)
+        config = load_config(args.config, args.overrides)
+        if args.command in STAGE_NAMES:
+            return run_stage(args.command, config, rank, world_size, args.overwrite)
+        if args.command == "run":
+            return run_pipeline(config, args, rank, world_size)
+        if args.command == "status":
+            from recaption.status import collect_status, format_status
+
+            report = collect_status(config)
+            sys.stdout.write(
+                json.dumps(report, indent=2) + "\n" if args.json else format_status(report) + "\n"
+            )
+            return EXIT_OK
+        if args.command == "verify":
+            from recaption.publish import verify_dataset
+
+            problems = verify_dataset(config)
+            for line in problems:
+                logger.error("%s", line)
+            if not problems:
+                logger.info("%s: every file matches MANIFEST.sha256", config.dataset_dir)
+            return EXIT_FAILED if problems else EXIT_OK
+        if args.command == "publish":
+            from recaption.publish import publish_dataset
+
+            publish_dataset(config, args.repo_id, private=args.private, dry_run=args.dry_run)
+            return EXIT_OK
+    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        logging.getLogger("recaption").error("%s", exc)
+        return EXIT_USAGE
+    except RuntimeError as exc:  # ConfigMismatchError and start-up checks of stages
+        logging.getLogger("recaption").error("%s", exc)
+        return EXIT_USAGE
+    raise AssertionError(f"unhandled command {args.command}")

@@ -1,0 +1,344 @@
+"""Run configuration: one YAML file describes a whole run, validated on load.
+
+A config has a ``run_dir`` and one section per stage. Every section is a strict pydantic
+model: an unknown key, a wrong type or a missing value stops with a :class:`ConfigError`
+that names the file, the dotted key path and what is expected.
+
+Each section may list ``operational_keys``: settings that change how fast a stage runs but
+not what it writes (process counts, batch sizes). They are left out of the section's
+fingerprint, so changing them never blocks a resume.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+STAGE_NAMES: tuple[str, ...] = ("download", "caption", "filter", "merge", "train", "sample")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used, with a message a user can act on."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    operational_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The section as plain JSON data, without keys that do not change outputs."""
+        data = self.model_dump(mode="json")
+        return {k: v for k, v in data.items() if k not in self.operational_keys}
+
+
+class DemoConfig(Section):
+    """The built-in demo world: procedurally drawn images served on 127.0.0.1."""
+
+    enabled: bool = False
+    n_images: int = Field(400, ge=10, description="How many metadata rows the world has.")
+    seed: int = 0
+    world_dir: Path | None = Field(
+        None, description="Where the world is generated; default run_dir/demo_world."
+    )
+    models_dir: Path | None = Field(
+        None, description="Where tiny demo models are built; default run_dir/demo_models."
+    )
+
+
+class DownloadConfig(Section):
+    """Pre-filter LAION-style metadata with pyarrow, then download with img2dataset."""
+
+    operational_keys: ClassVar[frozenset[str]] = frozenset(
+        {"processes", "threads", "distributor", "min_success_rate"}
+    )
+
+    metadata: list[str] = Field(
+        default_factory=list,
+        description="Metadata parquet files, folders of them, or glob patterns.",
+    )
+    url_col: str = "URL"
+    caption_col: str = "TEXT"
+    width_col: str = "WIDTH"
+    height_col: str = "HEIGHT"
+    aesthetic_col: str = "AESTHETIC_SCORE"
+    punsafe_col: str = "punsafe"
+    pwatermark_col: str = "pwatermark"
+    save_additional_columns: list[str] = Field(
+        default_factory=lambda: [
+            "WIDTH",
+            "HEIGHT",
+            "similarity",
+            "hash",
+            "punsafe",
+            "pwatermark",
+            "AESTHETIC_SCORE",
+        ],
+        description="Metadata columns carried into every sample's json and parquet row.",
+    )
+    min_aesthetic_score: float | None = Field(6.0, description="Keep rows scoring >= this.")
+    min_width: int = Field(0, ge=0)
+    min_height: int = Field(0, ge=0)
+    max_punsafe: float | None = Field(0.5, description="Drop rows with punsafe above this.")
+    max_pwatermark: float | None = Field(0.8, description="Drop rows with pwatermark above this.")
+    allow_private_hosts: bool = Field(
+        False, description="Allow URLs whose host is a literal private/loopback IP (demo only)."
+    )
+    image_size: int = Field(1024, gt=0)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = (
+        "keep_ratio"
+    )
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: int = Field(10000, gt=0)
+    processes: int = Field(16, gt=0)
+    threads: int = Field(64, gt=0)
+    timeout: float = Field(10, gt=0, description="Seconds before one URL is given up.")
+    retries: int = Field(0, ge=0)
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    user_agent_token: str | None = "recaption"
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    min_success_rate: float = Field(
+        0.5, ge=0, le=1, description="Warn loudly when fewer downloads than this succeed."
+    )
+
+
+class CaptionConfig(Section):
+    """LLaVA captioning of every downloaded image."""
+
+    operational_keys: ClassVar[frozenset[str]] = frozenset({"batch_size", "num_workers", "device"})
+
+    model: str = Field("llava-hf/llava-1.5-7b-hf", description="Hub id or local folder.")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: str | None = Field(None, description="Default: cuda:$LOCAL_RANK if CUDA, else cpu.")
+    prompt: Literal["dense", "short", "custom"] = "dense"
+    custom_prompt: str | None = Field(
+        None, description="Template for prompt=custom; may use {alt_text}."
+    )
+    batch_size: int = Field(16, gt=0)
+    num_workers: int = Field(4, ge=0)
+    max_new_tokens: int = Field(256, gt=0)
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+class FilterConfig(Section):
+    """Rules that keep, clean or reject each synthetic caption."""
+
+    min_words: int = 5
+    max_words: int = 300
+    min_chars: int = 20
+    max_chars: int = 3000
+
+
+class MergeConfig(Section):
+    """Join images, captions and filter decisions into publishable and trainable outputs."""
+
+    embed_images_in_parquet: bool = False
+
+
+class TrainConfig(Section):
+    """KOALA distillation from an SDXL teacher."""
+
+    teacher: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    preset: Literal["koala-700m", "koala-1b"] = "koala-700m"
+    resolution: int = 1024
+    max_steps: int = 1000
+    seed: int = 0
+
+
+class SampleConfig(Section):
+    """Sampling the trained student (and optionally the teacher)."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: ["A portrait painting of a Golden Retriever like Leonard da Vinci"]
+    )
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    negative_prompt: str = "worst quality, low quality, illustration, low resolution"
+    height: int = 1024
+    width: int = 1024
+    seed: int = 0
+
+
+class RunConfig(Section):
+    """A whole run: the run directory and one section per stage."""
+
+    run_dir: Path
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    source: Path | None = Field(None, exclude=True, description="The YAML file it came from.")
+
+    # -- the run directory layout (DESIGN: run_dir/{images,captions,...}) -------------------
+    @property
+    def images_dir(self) -> Path:
+        return self.run_dir / "images"
+
+    @property
+    def captions_dir(self) -> Path:
+        return self.run_dir / "captions"
+
+    @property
+    def filtered_dir(self) -> Path:
+        return self.run_dir / "filtered"
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.run_dir / "dataset"
+
+    @property
+    def koala_dir(self) -> Path:
+        return self.run_dir / "koala"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.run_dir / "samples"
+
+    def stage_dir(self, stage: str) -> Path:
+        """The folder that holds a stage's ledger: done markers, failures, ``_config.json``."""
+        return {
+            "download": self.images_dir,
+            "caption": self.captions_dir,
+            "filter": self.filtered_dir,
+            "merge": self.dataset_dir / "webdataset",
+            "train": self.koala_dir,
+            "sample": self.samples_dir,
+        }[stage]
+
+    @property
+    def demo_world_dir(self) -> Path:
+        return self.demo.world_dir or self.run_dir / "demo_world"
+
+    @property
+    def demo_models_dir(self) -> Path:
+        return self.demo.models_dir or self.run_dir / "demo_models"
+
+
+def fingerprint(data: Any) -> str:
+    """A short, stable hash of JSON-serialisable data (keys sorted)."""
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=VALUE`` into its key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. download.processes=4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``KEY=VALUE`` override into ``data`` (a raw config dict) by its dotted path."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: {part!r} is a value, not a section with keys"
+                )
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (for listing valid keys)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = sorted(owner.model_fields) if owner else []
+            valid = [v for v in valid if v != "source"]
+            guess = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" Did you mean {guess[0]!r}?" if guess else ""
+            lines.append(f"  - {key}: unknown key.{hint} Valid keys here: {', '.join(valid)}")
+        elif e["type"] == "missing":
+            lines.append(f"  - {key}: required value is missing")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"  - {key}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config.
+
+    Raises :class:`ConfigError` naming the file and key for every problem found.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(
+            f"{path}: config file not found. Pass the path of a YAML run config, "
+            "e.g. configs/demo.yaml"
+        )
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; pass the path of a YAML run config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys (run_dir, download, ...)"
+        )
+    data = apply_overrides(data, overrides or [])
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(path))) from None
+    config.source = path
+    if config.run_dir.exists() and not config.run_dir.is_dir():
+        raise ConfigError(
+            f"{path}: run_dir {str(config.run_dir)!r} exists and is a file; "
+            "point run_dir at a folder (it is created if absent)"
+        )
+    return config

@@ -1,0 +1,373 @@
+"""The shard ledger: the one place that knows what is done, what failed and what is pending.
+
+Every stage reads shards and writes shards with the same id. For a stage's output folder the
+ledger keeps:
+
+- ``_config.json``: the stage's effective config and its fingerprint. A rerun with a
+  different config is refused, naming the keys that differ, unless ``overwrite`` is set.
+- ``{shard}_stats.json``: the done marker, written last (after every output of the shard has
+  been moved into place). It carries the fingerprint it was made with. A shard without a
+  marker, or with a marker of another fingerprint (under ``overwrite``), is redone from scratch.
+- ``{shard}_failed.json``: the error of a shard that failed; removed when the shard succeeds.
+
+Outputs are written under a temporary name in the same folder and ``os.replace``-d into
+place, so a reader never sees half a file. Work is assigned as ``pending[rank::world_size]``
+over the sorted pending shards. SIGTERM and SIGUSR1 (SLURM preemption) set a flag; the
+ledger stops at the next shard boundary, and a stage may call :meth:`ShardLedger.check_stop`
+between batches to abandon the current shard without marking it done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recaption.config import fingerprint
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "_config.json"
+STATS_SUFFIX = "_stats.json"
+FAILED_SUFFIX = "_failed.json"
+TMP_TAG = ".tmp-"
+
+
+class ConfigMismatchError(RuntimeError):
+    """Outputs in a folder were made with a different config."""
+
+
+class StopRequested(Exception):  # noqa: N818 - it is a request, not an error
+    """Raised inside a shard when SIGTERM/SIGUSR1 asked the worker to stop."""
+
+
+class ShardError(Exception):
+    """A shard that cannot be processed (truncated tar, missing input): recorded, not fatal."""
+
+
+@dataclass
+class StageSummary:
+    """What one worker of one stage did."""
+
+    stage: str
+    rank: int = 0
+    world_size: int = 1
+    shards_total: int = 0
+    shards_done_before: int = 0
+    shards_assigned: int = 0
+    shards_ok: list[str] = field(default_factory=list)
+    shards_failed: dict[str, str] = field(default_factory=dict)
+    interrupted: bool = False
+    samples_ok: int = 0
+    samples_failed: int = 0
+    seconds: float = 0.0
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.shards_failed and not self.interrupted
+
+    def describe(self) -> str:
+        """One human line: counts, then failed shards."""
+        text = (
+            f"{self.stage} [rank {self.rank}/{self.world_size}]: {len(self.shards_ok)} shard(s) "
+            f"done now, {self.shards_done_before} done before, {len(self.shards_failed)} failed "
+            f"of {self.shards_total}; samples ok {self.samples_ok}, failed {self.samples_failed}; "
+            f"{self.seconds:.1f}s"
+        )
+        if self.interrupted:
+            text += " (stopped early by a signal: rerun to finish)"
+        for shard, error in sorted(self.shards_failed.items()):
+            text += f"\n  failed shard {shard}: {error.splitlines()[0] if error else ''}"
+        return text
+
+
+def assign(shards: Iterable[str], rank: int, world_size: int) -> list[str]:
+    """The shards worker ``rank`` of ``world_size`` owns: ``sorted(shards)[rank::world_size]``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return sorted(shards)[rank::world_size]
+
+
+def list_shards(folder: Path, suffix: str) -> list[str]:
+    """Shard ids of the finished files ``{shard}{suffix}`` in ``folder`` (temporaries skipped)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name[: -len(suffix)]
+        for p in folder.iterdir()
+        if p.name.endswith(suffix) and not p.name.startswith(".") and TMP_TAG not in p.name
+    )
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; move it into place only if the block succeeds."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}{TMP_TAG}{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            keys += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return keys
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+class ShardLedger:
+    """Resume bookkeeping for one stage's output folder.
+
+    ``stage_config`` is the JSON-able config that decides the stage's outputs; its
+    fingerprint is stored with every done marker.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        output_dir: Path,
+        stage_config: dict[str, Any],
+        *,
+        overwrite: bool = False,
+    ) -> None:
+        self.stage = stage
+        self.output_dir = Path(output_dir)
+        self.stage_config = stage_config
+        self.fingerprint = fingerprint(stage_config)
+        self.overwrite = overwrite
+        self._stop_signal: int | None = None
+
+    # -- config ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the output folder and check/record the stage config.
+
+        Raises :class:`ConfigMismatchError` when earlier outputs used another config and
+        ``overwrite`` is off, and :class:`PermissionError` with the path when the folder
+        cannot be written.
+        """
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(
+                f"{out} is a file; the {self.stage} stage needs a folder there"
+            )
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except PermissionError as exc:
+            raise PermissionError(
+                f"cannot create {out}: permission denied; choose a run_dir you can write to"
+            ) from exc
+        if not os.access(out, os.W_OK):
+            raise PermissionError(
+                f"cannot write in {out}: permission denied; fix its permissions "
+                "or choose another run_dir"
+            )
+        recorded = self.recorded_config()
+        if recorded is not None and recorded.get("fingerprint") != self.fingerprint:
+            differing = _diff_keys(recorded.get("config", {}), self.stage_config)
+            if not self.overwrite:
+                raise ConfigMismatchError(
+                    f"{out} holds {self.stage} outputs made with a different config; keys that "
+                    f"differ: {', '.join(f'{self.stage}.{k}' for k in differing) or '?'}. "
+                    "Restore the old values to resume, or pass --overwrite to redo the stage "
+                    "with the new ones."
+                )
+            logger.warning(
+                "%s: config changed (%s); --overwrite given, shards made with the old config "
+                "will be redone",
+                self.stage,
+                ", ".join(differing),
+            )
+        if recorded is None or recorded.get("fingerprint") != self.fingerprint:
+            write_json_atomic(
+                out / CONFIG_FILE,
+                {"stage": self.stage, "fingerprint": self.fingerprint, "config": self.stage_config},
+            )
+
+    def recorded_config(self) -> dict[str, Any] | None:
+        """The ``_config.json`` of earlier outputs, or None."""
+        path = self.output_dir / CONFIG_FILE
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            logger.warning("%s is unreadable; treating the folder as new", path)
+            return None
+
+    # -- markers -----------------------------------------------------------------------------
+    def marker_path(self, shard: str) -> Path:
+        return self.output_dir / f"{shard}{STATS_SUFFIX}"
+
+    def failed_path(self, shard: str) -> Path:
+        return self.output_dir / f"{shard}{FAILED_SUFFIX}"
+
+    def output_path(self, shard: str, suffix: str) -> Path:
+        """The final path of one of a shard's outputs, e.g. ``output_path("00042", ".parquet")``."""
+        return self.output_dir / f"{shard}{suffix}"
+
+    def read_stats(self, shard: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.marker_path(shard).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def is_done(self, shard: str) -> bool:
+        """A shard is done when its marker exists and was made with the current config."""
+        stats = self.read_stats(shard)
+        return stats is not None and stats.get("fingerprint", self.fingerprint) == self.fingerprint
+
+    def done_shards(self) -> list[str]:
+        return [s for s in list_shards(self.output_dir, STATS_SUFFIX) if self.is_done(s)]
+
+    def failed_shards(self) -> dict[str, str]:
+        failed = {}
+        for shard in list_shards(self.output_dir, FAILED_SUFFIX):
+            try:
+                failed[shard] = json.loads(self.failed_path(shard).read_text()).get("error", "")
+            except (OSError, json.JSONDecodeError):
+                failed[shard] = "unreadable failure record"
+        return failed
+
+    def pending(self, shards: Iterable[str]) -> list[str]:
+        return sorted(s for s in shards if not self.is_done(s))
+
+    def mark_done(self, shard: str, stats: dict[str, Any]) -> dict[str, Any]:
+        """Write the done marker (last step of a shard) and clear any failure record."""
+        stats = {**stats, "shard": shard, "stage": self.stage, "fingerprint": self.fingerprint}
+        write_json_atomic(self.marker_path(shard), stats)
+        with contextlib.suppress(FileNotFoundError):
+            self.failed_path(shard).unlink()
+        return stats
+
+    def mark_failed(self, shard: str, error: str) -> None:
+        write_json_atomic(
+            self.failed_path(shard),
+            {"shard": shard, "stage": self.stage, "error": error, "time": time.time()},
+        )
+
+    def clear_temporaries(self, shard: str) -> None:
+        """Remove temporaries a killed worker left for ``shard`` (only its owner calls this)."""
+        for p in self.output_dir.glob(f".{shard}*{TMP_TAG}*"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    # -- stopping ----------------------------------------------------------------------------
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_signal is not None
+
+    def check_stop(self) -> None:
+        """Raise :class:`StopRequested` if a stop signal arrived (call between batches)."""
+        if self._stop_signal is not None:
+            raise StopRequested(signal.Signals(self._stop_signal).name)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        logger.warning(
+            "%s: got %s, stopping at the next shard boundary",
+            self.stage,
+            signal.Signals(signum).name,
+        )
+        self._stop_signal = signum
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        wanted = [signal.SIGTERM, getattr(signal, "SIGUSR1", None)]
+        previous = {}
+        try:
+            for sig in wanted:
+                if sig is not None:
+                    previous[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not in the main thread: signals stay as they are
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(
+        self,
+        shards: Iterable[str],
+        process: Callable[[str], dict[str, Any]],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> StageSummary:
+        """Process this worker's pending shards, one at a time.
+
+        ``process(shard)`` writes the shard's outputs (through :func:`atomic_path`) and returns
+        its stats (``n_ok``/``n_failed`` count samples). A raised exception marks the shard
+        failed and the loop goes on; :class:`StopRequested` abandons it and stops.
+        """
+        start = time.perf_counter()
+        shards = sorted(set(shards))
+        done_before = [s for s in shards if self.is_done(s)]
+        mine = assign([s for s in shards if s not in set(done_before)], rank, world_size)
+        summary = StageSummary(
+            self.stage,
+            rank,
+            world_size,
+            shards_total=len(shards),
+            shards_done_before=len(done_before),
+            shards_assigned=len(mine),
+        )
+        logger.info(
+            "%s: %d shard(s), %d done before, %d assigned to rank %d/%d",
+            self.stage,
+            len(shards),
+            len(done_before),
+            len(mine),
+            rank,
+            world_size,
+        )
+        with self._signals():
+            for shard in mine:
+                if self.stop_requested:
+                    summary.interrupted = True
+                    break
+                self.clear_temporaries(shard)
+                t0 = time.perf_counter()
+                try:
+                    stats = process(shard)
+                except StopRequested:
+                    self.clear_temporaries(shard)
+                    summary.interrupted = True
+                    logger.warning("%s: shard %s abandoned (not marked done)", self.stage, shard)
+                    break
+                except Exception as exc:  # one bad shard never kills the run
+                    error = f"{type(exc).__name__}: {exc}"
+                    logger.error("%s: shard %s failed: %s", self.stage, shard, error)
+                    logger.debug("%s", traceback.format_exc())
+                    self.clear_temporaries(shard)
+                    self.mark_failed(shard, error)
+                    summary.shards_failed[shard] = error
+                    continue
+                stats.setdefault("seconds", round(time.perf_counter() - t0, 3))
+                self.mark_done(shard, stats)
+                summary.shards_ok.append(shard)
+                summary.samples_ok += int(stats.get("n_ok", 0))
+                summary.samples_failed += int(stats.get("n_failed", 0))
+        summary.seconds = time.perf_counter() - start
+        return summary
