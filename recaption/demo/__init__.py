@@ -1,0 +1,1 @@
+"""The built-in demo: a procedurally drawn image world, its loopback server, tiny models."""
