@@ -218,7 +218,7 @@ class RunConfig(Section):
         return self.run_dir / "samples"
 
     def stage_dir(self, stage: str) -> Path:
-        """The folder that holds a stage's ledger: done markers, failures, ``_config.json``."""
+        """The folder of a stage's done markers (its ``_ledger/`` subfolder holds the rest)."""
         return {
             "download": self.images_dir,
             "caption": self.captions_dir,

@@ -3,12 +3,17 @@
 Every stage reads shards and writes shards with the same id. For a stage's output folder the
 ledger keeps:
 
-- ``_config.json``: the stage's effective config and its fingerprint. A rerun with a
+- ``_ledger/config.json``: the stage's effective config and its fingerprint. A rerun with a
   different config is refused, naming the keys that differ, unless ``overwrite`` is set.
 - ``{shard}_stats.json``: the done marker, written last (after every output of the shard has
   been moved into place). It carries the fingerprint it was made with. A shard without a
   marker, or with a marker of another fingerprint (under ``overwrite``), is redone from scratch.
-- ``{shard}_failed.json``: the error of a shard that failed; removed when the shard succeeds.
+- ``_ledger/{shard}_failed.json``: the error of a shard that failed; removed when the shard
+  succeeds.
+
+Only done markers are ``*.json`` files at the top of the folder: img2dataset's incremental
+mode reads every top-level ``*.json`` as a shard marker, so the ledger's own records live in
+the ``_ledger/`` subfolder.
 
 Outputs are written under a temporary name in the same folder and ``os.replace``-d into
 place, so a reader never sees half a file. Work is assigned as ``pending[rank::world_size]``
@@ -35,7 +40,8 @@ from recaption.config import fingerprint
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "_config.json"
+LEDGER_DIR = "_ledger"
+CONFIG_FILE = "config.json"
 STATS_SUFFIX = "_stats.json"
 FAILED_SUFFIX = "_failed.json"
 TMP_TAG = ".tmp-"
@@ -172,7 +178,7 @@ class ShardLedger:
                 f"{out} is a file; the {self.stage} stage needs a folder there"
             )
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            self.records_dir.mkdir(parents=True, exist_ok=True)
         except PermissionError as exc:
             raise PermissionError(
                 f"cannot create {out}: permission denied; choose a run_dir you can write to"
@@ -200,13 +206,13 @@ class ShardLedger:
             )
         if recorded is None or recorded.get("fingerprint") != self.fingerprint:
             write_json_atomic(
-                out / CONFIG_FILE,
+                self.records_dir / CONFIG_FILE,
                 {"stage": self.stage, "fingerprint": self.fingerprint, "config": self.stage_config},
             )
 
     def recorded_config(self) -> dict[str, Any] | None:
-        """The ``_config.json`` of earlier outputs, or None."""
-        path = self.output_dir / CONFIG_FILE
+        """The ``_ledger/config.json`` of earlier outputs, or None."""
+        path = self.records_dir / CONFIG_FILE
         if not path.exists():
             return None
         try:
@@ -219,8 +225,13 @@ class ShardLedger:
     def marker_path(self, shard: str) -> Path:
         return self.output_dir / f"{shard}{STATS_SUFFIX}"
 
+    @property
+    def records_dir(self) -> Path:
+        """The ledger's own records: the stage config and failure records."""
+        return self.output_dir / LEDGER_DIR
+
     def failed_path(self, shard: str) -> Path:
-        return self.output_dir / f"{shard}{FAILED_SUFFIX}"
+        return self.records_dir / f"{shard}{FAILED_SUFFIX}"
 
     def output_path(self, shard: str, suffix: str) -> Path:
         """The final path of one of a shard's outputs, e.g. ``output_path("00042", ".parquet")``."""
@@ -242,7 +253,7 @@ class ShardLedger:
 
     def failed_shards(self) -> dict[str, str]:
         failed = {}
-        for shard in list_shards(self.output_dir, FAILED_SUFFIX):
+        for shard in list_shards(self.records_dir, FAILED_SUFFIX):
             try:
                 failed[shard] = json.loads(self.failed_path(shard).read_text()).get("error", "")
             except (OSError, json.JSONDecodeError):

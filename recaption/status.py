@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from recaption.config import RunConfig
-from recaption.ledger import FAILED_SUFFIX, STATS_SUFFIX, list_shards
+from recaption.ledger import FAILED_SUFFIX, LEDGER_DIR, STATS_SUFFIX, list_shards
 
 SHARDED_STAGES = ("download", "caption", "filter", "merge")
 
@@ -34,7 +34,7 @@ def collect_status(config: RunConfig) -> dict[str, Any]:
     for stage in SHARDED_STAGES:
         folder = config.stage_dir(stage)
         done = list_shards(folder, STATS_SUFFIX)
-        failed = list_shards(folder, FAILED_SUFFIX)
+        failed = list_shards(folder / LEDGER_DIR, FAILED_SUFFIX)
         ok = bad = 0
         seconds = 0.0
         for shard in done:
