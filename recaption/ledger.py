@@ -16,8 +16,10 @@ mode reads every top-level ``*.json`` as a shard marker, so the ledger's own rec
 the ``_ledger/`` subfolder.
 
 Outputs are written under a temporary name in the same folder and ``os.replace``-d into
-place, so a reader never sees half a file. Work is assigned as ``pending[rank::world_size]``
-over the sorted pending shards. SIGTERM and SIGUSR1 (SLURM preemption) set a flag; the
+place, so a reader never sees half a file. Work is assigned as ``shards[rank::world_size]``
+over *all* sorted input shards, done ones skipped afterwards: slicing only the pending ones
+would let ranks that start at different times (a throttled job array) disagree on who owns
+what, and shards would be skipped or done twice. SIGTERM and SIGUSR1 (SLURM preemption) set a flag; the
 ledger stops at the next shard boundary, and a stage may call :meth:`ShardLedger.check_stop`
 between batches to abandon the current shard without marking it done.
 """
@@ -179,9 +181,9 @@ class ShardLedger:
             )
         try:
             self.records_dir.mkdir(parents=True, exist_ok=True)
-        except PermissionError as exc:
+        except OSError as exc:
             raise PermissionError(
-                f"cannot create {out}: permission denied; choose a run_dir you can write to"
+                f"cannot create {out}: {exc.strerror}; choose a run_dir you can write to"
             ) from exc
         if not os.access(out, os.W_OK):
             raise PermissionError(
@@ -335,7 +337,9 @@ class ShardLedger:
         start = time.perf_counter()
         shards = sorted(set(shards))
         done_before = [s for s in shards if self.is_done(s)]
-        mine = assign([s for s in shards if s not in set(done_before)], rank, world_size)
+        # Assign over *all* shards, not the pending ones: ranks that start at different times
+        # (a throttled job array) must agree on who owns what, whatever is done by then.
+        mine = [s for s in assign(shards, rank, world_size) if s not in set(done_before)]
         summary = StageSummary(
             self.stage,
             rank,
