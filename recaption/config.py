@@ -115,28 +115,46 @@ class DownloadConfig(Section):
 
 
 class CaptionConfig(Section):
-    """LLaVA captioning of every downloaded image."""
+    """LLaVA captioning of every downloaded image (``recaption caption``)."""
 
     operational_keys: ClassVar[frozenset[str]] = frozenset({"batch_size", "num_workers", "device"})
 
-    model: str = Field("llava-hf/llava-1.5-7b-hf", description="Hub id or local folder.")
-    revision: str | None = None
-    trust_remote_code: bool = False
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    device: str | None = Field(None, description="Default: cuda:$LOCAL_RANK if CUDA, else cpu.")
-    prompt: Literal["dense", "short", "custom"] = "dense"
-    custom_prompt: str | None = Field(
-        None, description="Template for prompt=custom; may use {alt_text}."
+    model: str = Field(
+        "llava-hf/llava-1.5-7b-hf",
+        description="Hub id, local folder, or demo:NAME (a tiny model built on first use).",
     )
-    batch_size: int = Field(16, gt=0)
-    num_workers: int = Field(4, ge=0)
+    revision: str | None = Field(None, description="Hub branch, tag or commit of the model.")
+    trust_remote_code: bool = Field(False, description="Run the checkpoint's own Python code.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 (float16 if unsupported) on GPU, float32 on CPU."
+    )
+    device: str | None = Field(None, description="Default: cuda:$LOCAL_RANK if CUDA, else cpu.")
+    prompt: Literal["dense", "short", "custom"] = Field(
+        "dense",
+        description="dense: 'Describe this image and its style in a very detailed manner.' "
+        "(KOALA/PixArt); short: one sentence; custom: caption.custom_prompt.",
+    )
+    custom_prompt: str | None = Field(
+        None, description="Instruction for prompt=custom; {alt_text} becomes the original text."
+    )
+    max_alt_text_chars: int = Field(
+        300, ge=0, description="Longest original text put into a custom prompt (characters)."
+    )
+    batch_size: int = Field(16, gt=0, description="Images per generate() call.")
+    num_workers: int = Field(4, ge=0, description="DataLoader processes decoding images.")
     max_new_tokens: int = Field(256, gt=0)
-    min_new_tokens: int | None = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
+    min_new_tokens: int | None = Field(None, ge=0)
+    do_sample: bool = Field(False, description="False: greedy decoding (deterministic).")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int = Field(0, description="Sampling seed; each batch draws from seed, shard, batch.")
+    min_image_side: int = Field(
+        8, ge=1, description="Images with a shorter side are recorded as errors."
+    )
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="Larger images are refused unread (decompression bombs)."
+    )
 
 
 class FilterConfig(Section):
@@ -155,27 +173,106 @@ class MergeConfig(Section):
 
 
 class TrainConfig(Section):
-    """KOALA distillation from an SDXL teacher."""
+    """KOALA distillation from an SDXL teacher (accelerate; resumes from its checkpoints).
 
-    teacher: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    Defaults follow the KOALA paper where it gives them (loss weights 1.0, AdamW, 1024px,
+    synthetic captions only as for KOALA-LLaVA-Caption). ``max_steps`` is operational so a
+    finished run can be extended; the LR schedule is stretched to the new length.
+    """
+
+    operational_keys: ClassVar[frozenset[str]] = frozenset(
+        {
+            "max_steps",
+            "num_workers",
+            "gradient_checkpointing",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "log_every",
+            "report_to",
+        }
+    )
+
+    teacher: str = Field(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        description="SDXL pipeline: hub id, local folder or demo:tiny-sdxl.",
+    )
+    teacher_revision: str | None = None
+    teacher_variant: str | None = Field(None, description="e.g. fp16 for the hub's fp16 files.")
+    teacher_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     preset: Literal["koala-700m", "koala-1b"] = "koala-700m"
-    resolution: int = 1024
-    max_steps: int = 1000
+    resolution: int = Field(1024, gt=0, description="Square training size in pixels.")
+    center_crop: bool = Field(False, description="Centre crop instead of a random crop.")
+    random_flip: bool = False
+    synthetic_caption_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of samples trained on the synthetic caption."
+    )
+    empty_prompt_ratio: float = Field(
+        0.1, ge=0, le=1, description="Share of empty prompts (classifier-free guidance)."
+    )
+    shuffle_buffer: int = Field(1000, ge=1, description="Samples in the shuffle buffer.")
+    batch_size: int = Field(8, gt=0, description="Samples per process per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = (
+        "constant_with_warmup"
+    )
+    lr_warmup_steps: int = Field(500, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    task_loss_weight: float = Field(1.0, ge=0, description="MSE(student eps, noise).")
+    output_kd_weight: float = Field(1.0, ge=0, description="MSE(student eps, teacher eps).")
+    feature_kd_weight: float = Field(
+        1.0, ge=0, description="Sum of self-attention (attn1) feature MSEs."
+    )
+    use_ema: bool = True
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps in total.")
+    checkpointing_steps: int = Field(1000, gt=0, description="save_state every N steps.")
+    checkpoints_total_limit: int | None = Field(3, description="Keep the newest N checkpoints.")
+    gradient_checkpointing: bool = False
+    num_workers: int = Field(4, ge=0, description="DataLoader workers per process.")
+    log_every: int = Field(10, gt=0)
+    report_to: Literal["tensorboard"] | None = None
     seed: int = 0
 
 
 class SampleConfig(Section):
-    """Sampling the trained student (and optionally the teacher)."""
+    """Sampling the trained student (and optionally the teacher), KOALA's published defaults."""
 
+    operational_keys: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+
+    model: str | None = Field(
+        None, description="Pipeline to sample: hub id or folder; default run_dir/koala/pipeline."
+    )
     prompts: list[str] = Field(
         default_factory=lambda: ["A portrait painting of a Golden Retriever like Leonard da Vinci"]
     )
-    num_inference_steps: int = 25
+    prompts_file: Path | None = Field(
+        None, description="Text file, one prompt a line; replaces prompts when set."
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], description="Every prompt is sampled once per seed."
+    )
+    num_inference_steps: int = Field(25, gt=0)
     guidance_scale: float = 7.5
     negative_prompt: str = "worst quality, low quality, illustration, low resolution"
-    height: int = 1024
-    width: int = 1024
-    seed: int = 0
+    height: int = Field(1024, gt=0)
+    width: int = Field(1024, gt=0)
+    batch_size: int = Field(4, gt=0)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
+    device: str | None = Field(None, description="Default: cuda:$LOCAL_RANK if CUDA, else cpu.")
+    with_teacher: bool = Field(
+        False, description="Also sample train.teacher with the same prompts and seeds."
+    )
+    clip_model: str | None = Field(
+        None, description="CLIP model for a CLIP score per sample, e.g. openai/clip-vit-large-patch14."
+    )
 
 
 class RunConfig(Section):
