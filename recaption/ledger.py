@@ -19,9 +19,9 @@ Outputs are written under a temporary name in the same folder and ``os.replace``
 place, so a reader never sees half a file. Work is assigned as ``shards[rank::world_size]``
 over *all* sorted input shards, done ones skipped afterwards: slicing only the pending ones
 would let ranks that start at different times (a throttled job array) disagree on who owns
-what, and shards would be skipped or done twice. SIGTERM and SIGUSR1 (SLURM preemption) set a flag; the
-ledger stops at the next shard boundary, and a stage may call :meth:`ShardLedger.check_stop`
-between batches to abandon the current shard without marking it done.
+what, and shards would be skipped or done twice. SIGTERM and SIGUSR1 (SLURM preemption) set
+a flag; the ledger stops at the next shard boundary, and a stage may call
+:meth:`ShardLedger.check_stop` between batches to abandon the current shard without marking it done.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def test_overrides_by_dotted_path(tmp_path: Path) -> None:
 def test_override_typo_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("run_dir: a\n")
-    with pytest.raises(ConfigError, match="download.treads: unknown key"):
+    with pytest.raises(ConfigError, match=r"download\.treads: unknown key"):
         load_config(path, ["download.treads=4"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(path, ["download.threads"])
