@@ -158,18 +158,86 @@ class CaptionConfig(Section):
 
 
 class FilterConfig(Section):
-    """Rules that keep, clean or reject each synthetic caption."""
+    """Rules that keep, clean or reject each synthetic caption (recaption.caption_rules)."""
 
-    min_words: int = 5
-    max_words: int = 300
-    min_chars: int = 20
-    max_chars: int = 3000
+    operational_keys: ClassVar[frozenset[str]] = frozenset(
+        {"clip_batch_size", "clip_device", "clip_wait_seconds"}
+    )
+
+    min_words: int = Field(5, ge=0)
+    max_words: int = Field(300, gt=0)
+    min_chars: int = Field(20, ge=0)
+    max_chars: int = Field(3000, gt=0)
+    truncated: Literal["trim", "drop"] = Field(
+        "trim", description="finish_reason=length: trim to the last full sentence, or drop."
+    )
+    ngram_size: int = Field(3, gt=0)
+    max_duplicate_ngram_fraction: float = Field(0.3, ge=0, le=1)
+    max_tail_repeats: int = Field(3, ge=2, description="A phrase repeated this often at the end.")
+    refusal_phrases: list[str] = Field(
+        default_factory=lambda: [
+            "i'm sorry",
+            "i am sorry",
+            "i cannot",
+            "i can't",
+            "i am unable",
+            "i'm unable",
+            "as an ai",
+            "as a language model",
+            "there is no image",
+            "no image provided",
+            "image is not available",
+            "unable to see the image",
+            "cannot see the image",
+            "can't see the image",
+        ],
+        description="Case-insensitive phrases that mark a refusal or meta-text.",
+    )
+    boilerplate: Literal["rewrite", "keep", "drop"] = "rewrite"
+    boilerplate_openings: list[str] | None = Field(
+        None, description="Regexes of openings to rewrite; default: the built-in list."
+    )
+    keep_languages: list[str] = Field(
+        default_factory=lambda: ["en"],
+        description="ISO 639-1 codes to keep; an empty list turns the language rule off.",
+    )
+    candidate_languages: list[str] = Field(
+        default_factory=lambda: ["en", "fr", "de", "es", "it", "pt", "nl", "ru", "zh", "ja", "ar"],
+        description="Languages lingua chooses among (fewer is faster).",
+    )
+    min_language_confidence: float = Field(0.5, ge=0, le=1)
+    max_duplicate_copies: int | None = Field(
+        3, ge=1, description="Reject captions repeated on more images than this; null: off."
+    )
+    clip_model: str | None = Field(
+        None, description="CLIP hub id, folder or demo:tiny-clip; null turns CLIP scoring off."
+    )
+    clip_revision: str | None = None
+    min_clip_score: float | None = Field(None, description="Reject below this CLIP score.")
+    min_clip_percentile: float | None = Field(
+        None, ge=0, le=100, description="Reject below this percentile of the run's CLIP scores."
+    )
+    clip_batch_size: int = Field(64, gt=0)
+    clip_device: str | None = None
+    clip_wait_seconds: float = Field(
+        3600, ge=0, description="Multi-rank percentile: how long to wait for other ranks' scores."
+    )
 
 
 class MergeConfig(Section):
     """Join images, captions and filter decisions into publishable and trainable outputs."""
 
+    operational_keys: ClassVar[frozenset[str]] = frozenset(
+        {"pretty_name", "source_description", "report_examples"}
+    )
+
     embed_images_in_parquet: bool = False
+    pretty_name: str = Field("recaption dataset", description="Title of the dataset card.")
+    source_description: str = Field(
+        "LAION-style image URL and alt-text metadata (e.g. LAION-Aesthetics V2 6+)",
+        description="Where the metadata came from, for the dataset card.",
+    )
+    report_examples: int = Field(12, ge=0, description="Example images in the report grid.")
 
 
 class TrainConfig(Section):
@@ -271,7 +339,7 @@ class SampleConfig(Section):
         False, description="Also sample train.teacher with the same prompts and seeds."
     )
     clip_model: str | None = Field(
-        None, description="CLIP model for a CLIP score per sample, e.g. openai/clip-vit-large-patch14."
+        None, description="CLIP model scoring each sample, e.g. openai/clip-vit-large-patch14."
     )
 
 

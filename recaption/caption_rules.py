@@ -1,0 +1,497 @@
+"""Named caption rules: each keeps, cleans or rejects one synthetic caption.
+
+Modelled on datatrove's filters: a rule is a small class with a ``name``, its thresholds as
+named constructor arguments with sensible defaults, and a docstring saying where the
+heuristic comes from. ``rule.apply(caption, sample)`` returns a :class:`Verdict`: keep or not,
+the rule's name as the rejection reason, the scores it computed and, when it rewrote the
+caption, the cleaned text. :class:`CaptionRules` runs them in order; the first rejection wins,
+and the scores of every rule that ran are recorded, so the stats can count reasons and the
+report can show distributions.
+
+Rules that need the whole run (exact duplicates across shards, CLIP percentiles) get their
+run-level inputs passed in (a hash-count table, a threshold); computing those is the filter
+stage's job (:mod:`recaption.stages.filter`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Scores are numbers, or short strings such as a language code.
+Scores = dict[str, Any]
+
+
+@dataclass(slots=True)
+class CaptionSample:
+    """What rules may look at: the caption being filtered plus its caption-stage record."""
+
+    key: str
+    caption: str
+    finish_reason: str | None = None
+    original_text: str | None = None
+    caption_hash: int | None = None  # caption_hash(caption), when the stage computed it
+
+
+@dataclass(slots=True)
+class Verdict:
+    """One rule's decision about one caption."""
+
+    keep: bool
+    reason: str | None = None
+    scores: Scores = field(default_factory=dict)
+    caption: str | None = None  # the cleaned caption, when the rule rewrote it
+
+
+class CaptionRule:
+    """Base class: ``apply`` returns a :class:`Verdict`; ``name`` is the rejection reason."""
+
+    name: str = "rule"
+
+    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+        raise NotImplementedError
+
+    def reject(self, scores: Scores | None = None, reason: str | None = None) -> Verdict:
+        return Verdict(False, reason or self.name, scores or {})
+
+
+# -- cleaning -------------------------------------------------------------------------------
+_TAG = re.compile(r"<[^<>]{0,200}>")
+_WORD = re.compile(r"\w", re.UNICODE)
+
+
+class TextNormaliser(CaptionRule):
+    """Strip HTML tags and entities, control and zero-width characters; collapse whitespace.
+
+    LLaVA output and scraped alt-text both carry stray markup (``<br>``, ``&amp;``), newlines
+    and tabs; C4 and datatrove's ``FineWebQualityFilter`` normalise whitespace the same way
+    before measuring anything. Never rejects.
+    """
+
+    name = "normalise"
+
+    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+        text = caption
+        if "<" in text:
+            text = _TAG.sub(" ", text)
+        if "&" in text:
+            text = html.unescape(text)
+        if not text.isascii():
+            # Cc/Cf: control and format characters (zero-width joiners, bidi marks).
+            text = "".join(
+                ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf")
+            )
+        # str.split() splits on every Unicode whitespace, newlines and tabs included.
+        return Verdict(True, caption=" ".join(text.split()))
+
+
+class EmptyCaptionFilter(CaptionRule):
+    """Reject empty, whitespace-only and punctuation/symbol-only captions.
+
+    A captioner that emits only the end-of-sequence token, or ``"..."``, leaves nothing to
+    train on (the "empty output" failure in the design notes).
+    """
+
+    name = "empty"
+
+    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+        if not caption or _WORD.search(caption) is None:
+            return self.reject()
+        return Verdict(True)
+
+
+class RepetitionFilter(CaptionRule):
+    """Reject repetition loops: many repeated word n-grams, or a phrase repeated at the end.
+
+    The repeated n-gram fraction follows Gopher's repetition filter (Rae et al., 2021,
+    table A1; datatrove's ``GopherRepetitionFilter``), on words, which suits short texts.
+    The repeated tail is the classic greedy-decoding loop of LLaVA ("... and a tree, and a
+    tree, and a tree") that runs until ``max_new_tokens``: the last ``p`` words repeated
+    ``max_tail_repeats`` or more times back to back, for any period ``p <= max_period``.
+    """
+
+    name = "repetition"
+
+    def __init__(
+        self,
+        ngram_size: int = 3,
+        max_duplicate_ngram_fraction: float = 0.3,
+        max_tail_repeats: int = 3,
+        max_period: int = 12,
+    ) -> None:
+        self.n = ngram_size
+        self.max_fraction = max_duplicate_ngram_fraction
+        self.max_tail_repeats = max_tail_repeats
+        self.max_period = max_period
+
+    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+        words = caption.lower().translate(_STRIP_PUNCTUATION).split()
+        n = self.n
+        total = len(words) - n + 1
+        if total > 1:
+            grams = set(zip(*(words[i:] for i in range(n)), strict=False))
+            fraction = 1.0 - len(grams) / total
+        else:
+            fraction = 0.0
+        repeats = tail_repeats(words, self.max_period)
+        scores = {"duplicate_ngram_fraction": round(fraction, 4), "tail_repeats": repeats}
+        if fraction > self.max_fraction or repeats >= self.max_tail_repeats:
+            return self.reject(scores)
+        return Verdict(True, scores=scores)
+
+
+_STRIP_PUNCTUATION = str.maketrans("", "", ".,;:!?\"'()[]")
+
+
+def tail_repeats(words: Sequence[str], max_period: int = 12) -> int:
+    """The most times any block of the last ``p`` words repeats back to back at the end.
+
+    Pass words with punctuation removed (``_STRIP_PUNCTUATION``) so "tree, and a tree."
+    matches "tree and a tree". A caption with no repeated tail scores 1.
+    """
+    if len(words) < 2:
+        return len(words)
+    stripped = words[-max_period * 4 :]
+    best = 1
+    n = len(stripped)
+    last = stripped[-1]
+    for period in range(1, min(max_period, n // 2) + 1):
+        if stripped[n - 1 - period] != last:  # cheap test before comparing whole blocks
+            continue
+        block = stripped[n - period :]
+        count = 1
+        end = n - period
+        while end - period >= 0 and stripped[end - period : end] == block:
+            count += 1
+            end -= period
+        best = max(best, count)
+    return best
+
+
+_SENTENCE_END = re.compile(r"[.!?。！？](?=[\"')\]]?(?:\s|$))")
+
+
+class TruncationFilter(CaptionRule):
+    """Captions cut off at the token budget (``finish_reason == "length"``): drop or trim.
+
+    ``mode="trim"`` cuts the caption back to its last complete sentence and keeps it, as
+    done for the synthetic captions of PixArt-α and DALL-E 3-style recaptioning; a cut-off
+    caption with no complete sentence is rejected. ``mode="drop"`` rejects every cut-off one.
+    """
+
+    name = "truncated"
+
+    def __init__(self, mode: str = "trim") -> None:
+        if mode not in ("trim", "drop"):
+            raise ValueError(f"truncation mode must be 'trim' or 'drop', not {mode!r}")
+        self.mode = mode
+
+    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+        if sample.finish_reason != "length":
+            return Verdict(True, scores={"trimmed_chars": 0})
+        if self.mode == "drop":
+            return self.reject({"trimmed_chars": 0})
+        ends = [m.end() for m in _SENTENCE_END.finditer(caption)]
+        if not ends:
+            return self.reject({"trimmed_chars": len(caption)})
+        cut = caption[: ends[-1]].rstrip()
+        return Verdict(True, scores={"trimmed_chars": len(caption) - len(cut)}, caption=cut)
+
+
+DEFAULT_REFUSAL_PHRASES: tuple[str, ...] = (
+    "i'm sorry",
+    "i am sorry",
+    "i cannot",
+    "i can't",
+    "i am unable",
+    "i'm unable",
+    "as an ai",
+    "as a language model",
+    "there is no image",
+    "no image provided",
+    "image is not available",
+    "unable to see the image",
+    "cannot see the image",
+    "can't see the image",
+)
+
+
+class RefusalFilter(CaptionRule):
+    """Reject refusals and meta-text ("I'm sorry", "as an AI", "there is no image").
+
+    Instruction-tuned captioners sometimes answer about themselves instead of the image;
+    the phrase list is the usual one from LLM-output cleaning (e.g. the ShareGPT/Vicuna
+    "unfiltered" cleaning lists) plus image-specific ones, editable in the config.
+    Matching is case-insensitive on the normalised caption; curly apostrophes match straight.
+    """
+
+    name = "refusal"
+
+    def __init__(self, phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES) -> None:
+        self.phrases = [p.lower().replace("’", "'") for p in phrases if p.strip()]
+        self.pattern = (
+            re.compile("|".join(re.escape(p) for p in self.phrases)) if self.phrases else None
+        )
+
+    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+        if self.pattern is None:
+            return Verdict(True)
+        text = caption.lower()
+        if "’" in text:
+            text = text.replace("’", "'")
+        if self.pattern.search(text):
+            return self.reject()
+        return Verdict(True)
+
+
+DEFAULT_BOILERPLATE_OPENINGS: tuple[str, ...] = (
+    r"(?:in|within) (?:this|the) (?:image|picture|photo|photograph|scene),? (?:there (?:is|are) )?",
+    r"(?:this|the) (?:image|picture|photo|photograph|scene) "
+    r"(?:shows|features|depicts|displays|presents|captures|showcases|portrays|contains|"
+    r"is of|is an image of|is a picture of|is|includes)(?: an image of| a picture of)? ",
+    r"(?:this is|here is) (?:an image|a picture|a photo|a photograph) of ",
+)
+
+
+class BoilerplateOpeningRewriter(CaptionRule):
+    """Rewrite boilerplate openings ("The image shows ...", "In this image, ...") away.
+
+    LLaVA starts most captions this way; the words describe the medium, not the content,
+    and a text-to-image model trained on them learns nothing from them (the DALL-E 3 and
+    PixArt-α recaptioning reports both strip them). ``mode="rewrite"`` starts the caption
+    at the content ("The image shows a red car" -> "A red car"); ``"keep"`` only records the
+    score; ``"drop"`` rejects the caption. ``openings`` are regular expressions matched at
+    the start, case-insensitively.
+    """
+
+    name = "boilerplate"
+
+    def __init__(
+        self, mode: str = "rewrite", openings: Sequence[str] = DEFAULT_BOILERPLATE_OPENINGS
+    ) -> None:
+        if mode not in ("rewrite", "keep", "drop"):
+            raise ValueError(f"boilerplate mode must be rewrite, keep or drop, not {mode!r}")
+        self.mode = mode
+        self.pattern = (
+            re.compile("^(?:" + "|".join(f"(?:{o})" for o in openings) + ")", re.IGNORECASE)
+            if openings
+            else None
+        )
+
+    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+        match = self.pattern.match(caption) if self.pattern else None
+        if match is None:
+            return Verdict(True, scores={"boilerplate_opening": False})
+        scores: Scores = {"boilerplate_opening": True}
+        if self.mode == "drop":
+            return self.reject(scores)
+        if self.mode == "keep":
+            return Verdict(True, scores=scores)
+        rest = caption[match.end() :].lstrip(" ,:;-")
+        if not rest:
+            return Verdict(True, scores=scores)
+        return Verdict(True, scores=scores, caption=rest[0].upper() + rest[1:])
+
+
+class LengthFilter(CaptionRule):
+    """Reject captions with too few or too many words or characters.
+
+    Word-count bounds as in Gopher's quality filter and C4 (Raffel et al., 2020), tuned for
+    captions: a dense caption with fewer than 5 words describes nothing; thousands of
+    characters are a run-on. Reasons are ``too_short`` and ``too_long``.
+    """
+
+    name = "length"
+
+    def __init__(
+        self,
+        min_words: int = 5,
+        max_words: int = 300,
+        min_chars: int = 20,
+        max_chars: int = 3000,
+    ) -> None:
+        self.min_words, self.max_words = min_words, max_words
+        self.min_chars, self.max_chars = min_chars, max_chars
+
+    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+        n_words = len(caption.split())
+        n_chars = len(caption)
+        scores = {"n_words": n_words, "n_chars": n_chars}
+        if n_words < self.min_words or n_chars < self.min_chars:
+            return self.reject(scores, "too_short")
+        if n_words > self.max_words or n_chars > self.max_chars:
+            return self.reject(scores, "too_long")
+        return Verdict(True, scores=scores)
+
+
+# Function words that are English and rarely anything else in ASCII text.
+_ENGLISH_MARKERS = frozenset(
+    [
+        "the",
+        "of",
+        "and",
+        "with",
+        "is",
+        "are",
+        "on",
+        "this",
+        "that",
+        "its",
+        "it",
+        "there",
+        "which",
+        "by",
+        "from",
+        "has",
+        "have",
+        "at",
+        "an",
+        "be",
+        "for",
+        "as",
+        "while",
+        "their",
+        "they",
+        "his",
+        "her",
+        "he",
+        "she",
+    ]
+)
+
+DEFAULT_LANGUAGES: tuple[str, ...] = ("en", "fr", "de", "es", "it", "pt", "nl", "ru", "zh", "ja")
+
+
+class LanguageFilter(CaptionRule):
+    """Keep captions in the wanted languages, identified offline with lingua.
+
+    lingua (lingua-language-detector, models inside the wheel) is restricted to a few
+    candidate languages, which makes it both faster and more accurate on short text. Plain
+    ASCII captions in which English function words make up at least ``fast_path_fraction``
+    of the words are taken as English without asking lingua (most LLaVA captions), as
+    CCNet/fastText pipelines skip the model for obvious cases; the score
+    ``language_confidence`` is then empty.
+    """
+
+    name = "language"
+
+    def __init__(
+        self,
+        keep_languages: Sequence[str] = ("en",),
+        candidate_languages: Sequence[str] = DEFAULT_LANGUAGES,
+        min_confidence: float = 0.5,
+        fast_path_fraction: float = 0.15,
+    ) -> None:
+        from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
+
+        def to_language(code: str) -> Language:
+            try:
+                return Language.from_iso_code_639_1(getattr(IsoCode639_1, code.upper()))
+            except (AttributeError, ValueError):
+                raise ValueError(
+                    f"unknown language code {code!r}; use ISO 639-1 codes such as en, fr, de"
+                ) from None
+
+        self.keep = {c.lower() for c in keep_languages}
+        codes = list(dict.fromkeys([*candidate_languages, *keep_languages]))
+        languages = [to_language(c) for c in codes]
+        if len(languages) < 2:
+            languages.append(to_language("fr" if codes[0] != "fr" else "en"))
+        self.detector = LanguageDetectorBuilder.from_languages(*languages).build()
+        self.min_confidence = min_confidence
+        self.fast_path_fraction = fast_path_fraction
+        self._english_fast_path = "en" in self.keep
+
+    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+        if self._english_fast_path and caption.isascii():
+            words = caption.lower().split()
+            hits = sum(1 for w in words if w in _ENGLISH_MARKERS)
+            if hits >= 2 and hits >= self.fast_path_fraction * len(words):
+                return Verdict(True, scores={"language": "en", "language_confidence": None})
+        best = self.detector.compute_language_confidence_values(caption)
+        if not best:
+            return self.reject({"language": None, "language_confidence": None})
+        top = best[0]
+        code = top.language.iso_code_639_1.name.lower()
+        scores = {"language": code, "language_confidence": round(top.value, 4)}
+        if code not in self.keep or top.value < self.min_confidence:
+            return self.reject(scores)
+        return Verdict(True, scores=scores)
+
+
+def caption_hash(caption: str | None) -> int:
+    """A 63-bit hash of a caption for exact-duplicate counting (case and spacing ignored).
+
+    63 bits (a positive int64) keep the hash table small; at 12M captions the chance of any
+    collision is about 1e-5.
+    """
+    text = " ".join((caption or "").casefold().split())
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class DuplicateCaptionFilter(CaptionRule):
+    """Reject captions repeated verbatim over more than ``max_copies`` images of the run.
+
+    A caption the captioner wrote for many different images is a boilerplate failure (it
+    describes none of them); dataset deduplication usually works on images (SemDeDup) or
+    texts (exact-hash dedup in C4/Gopher), and the exact-hash form is cheap at any scale.
+    ``counts`` maps :func:`caption_hash` of the *raw* caption to its number of copies over
+    every caption shard; all copies are rejected once the count passes the limit.
+    """
+
+    name = "duplicate"
+
+    def __init__(self, counts: Mapping[int, int], max_copies: int = 3) -> None:
+        self.counts = counts
+        self.max_copies = max_copies
+
+    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+        digest = sample.caption_hash
+        if digest is None:
+            digest = caption_hash(sample.caption)
+        copies = int(self.counts.get(digest, 1))
+        scores = {"caption_copies": copies}
+        if copies > self.max_copies:
+            return self.reject(scores)
+        return Verdict(True, scores=scores)
+
+
+@dataclass
+class Decision:
+    """The outcome of every rule for one caption."""
+
+    keep: bool
+    reason: str | None
+    caption_clean: str
+    scores: Scores
+
+
+class CaptionRules:
+    """An ordered list of rules; the first rejection decides the reason."""
+
+    def __init__(self, rules: Sequence[CaptionRule]) -> None:
+        self.rules = list(rules)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [r.name for r in self.rules]
+
+    def decide(self, sample: CaptionSample) -> Decision:
+        """Run the rules in order on ``sample.caption``; stop at the first rejection."""
+        text = sample.caption or ""
+        scores: Scores = {}
+        for rule in self.rules:
+            verdict = rule.apply(text, sample)
+            if verdict.scores:
+                scores.update(verdict.scores)
+            if verdict.caption is not None:
+                text = verdict.caption
+            if not verdict.keep:
+                return Decision(False, verdict.reason or rule.name, text, scores)
+        return Decision(True, None, text, scores)
