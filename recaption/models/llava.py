@@ -248,7 +248,7 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return torch.float32
 
 
-def _check_source(model: str, revision: str | None, trust_remote_code: bool) -> Any:
+def check_checkpoint(model: str, revision: str | None, trust_remote_code: bool) -> Any:
     """Load the checkpoint's config, failing with a clear message if it is not a LLaVA-like VLM."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -302,7 +302,7 @@ def load_captioner(
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    _check_source(model, revision, trust_remote_code)
+    check_checkpoint(model, revision, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, device)
     try:
         processor = AutoProcessor.from_pretrained(

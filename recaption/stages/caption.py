@@ -1,0 +1,572 @@
+"""Caption stage: a new, dense caption for every downloaded image, written by LLaVA.
+
+For each pending shard of ``run_dir/images/`` (an img2dataset tar whose ``{shard}_stats.json``
+says the download finished) the stage streams the tar's samples, decodes and preprocesses the
+images in DataLoader worker processes (so decoding overlaps generation), generates captions in
+batches, and writes ``run_dir/captions/{shard}.parquet`` with one row per input sample:
+
+``key, caption, original_text, model, revision, prompt, n_prompt_tokens, n_new_tokens,
+finish_reason ("stop" | "length"), status ("ok" | "error"), error``
+
+then the shard's stats JSON (counts, images/s, new tokens/s, seconds) as its done marker.
+
+A bad image (corrupt, empty, a decompression bomb, a side of 1 pixel, no image member) becomes
+an ``error`` row and the rest of its batch is captioned as usual. A truncated or unreadable tar
+fails its shard only. Several GPUs: ``torchrun --nproc-per-node N -m recaption caption CONFIG``
+runs one process per GPU, each on ``cuda:$LOCAL_RANK``, each on its own shards; no process
+group is needed because ranks share nothing but the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from torch.utils.data import IterableDataset
+
+from recaption.config import CaptionConfig, RunConfig
+from recaption.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from recaption.ledger import STATS_SUFFIX, ShardError, ShardLedger, StageSummary, atomic_path
+from recaption.stages import StageContext
+
+logger = logging.getLogger(__name__)
+
+STAGE = "caption"
+
+PROMPT_PRESETS: dict[str, str] = {
+    # KOALA and PixArt-alpha recaptioned their training images with this instruction.
+    "dense": "Describe this image and its style in a very detailed manner.",
+    "short": "Describe this image in one sentence.",
+}
+
+CAPTION_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("original_text", pa.string()),
+        ("model", pa.string()),
+        ("revision", pa.string()),
+        ("prompt", pa.string()),
+        ("n_prompt_tokens", pa.int32()),
+        ("n_new_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+# -- prompts -------------------------------------------------------------------------------------
+def instruction_template(section: CaptionConfig) -> str:
+    """The instruction the config asks for; ``{alt_text}`` is filled per sample."""
+    if section.prompt == "custom":
+        if not section.custom_prompt or not section.custom_prompt.strip():
+            raise ValueError(
+                "caption.prompt is 'custom' but caption.custom_prompt is empty; write the "
+                "instruction there, e.g. 'Describe this image. Its original caption was: "
+                "{alt_text}'"
+            )
+        return section.custom_prompt
+    if section.custom_prompt:
+        raise ValueError(
+            f"caption.custom_prompt is set but caption.prompt is {section.prompt!r}; set "
+            "caption.prompt: custom to use it, or remove caption.custom_prompt"
+        )
+    return PROMPT_PRESETS[section.prompt]
+
+
+def fill_instruction(template: str, alt_text: str, max_chars: int) -> str:
+    """``template`` with ``{alt_text}`` replaced by the (shortened, one-line) original text."""
+    if "{alt_text}" not in template:
+        return template
+    hint = " ".join(alt_text.split())[:max_chars]
+    return template.replace("{alt_text}", hint)
+
+
+# -- reading an img2dataset shard ----------------------------------------------------------------
+@dataclass
+class RawSample:
+    """One sample of a webdataset tar: its key and its members by extension."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+
+    def image_bytes(self) -> bytes | None:
+        for ext in IMAGE_EXTENSIONS:
+            if ext in self.members:
+                return self.members[ext]
+        return None
+
+    def alt_text(self) -> str:
+        if "txt" in self.members:
+            return self.members["txt"].decode("utf-8", errors="replace")
+        return ""
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``"dir/000123.jpg"`` -> ``("dir/000123", "jpg")``, as webdataset groups members."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def iter_tar_samples(path: Path) -> Iterator[RawSample]:
+    """Stream the samples of a webdataset tar, grouping consecutive members by key.
+
+    Reads the tar front to back without an index, so memory stays flat however big the shard.
+    Raises :class:`tarfile.TarError` (or :class:`OSError`) on a truncated or corrupt tar.
+    """
+    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        current: RawSample | None = None
+        for n, member in enumerate(tar):
+            if n % 1000 == 999:
+                tar.members = []  # stream mode keeps every header otherwise
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if key.startswith(".") or "/." in key or not ext:
+                continue
+            handle = tar.extractfile(member)
+            data = handle.read() if handle is not None else b""
+            if current is not None and current.key != key:
+                yield current
+                current = None
+            if current is None:
+                current = RawSample(key)
+            current.members[ext] = data
+        if current is not None:
+            yield current
+
+
+def expected_keys(images_dir: Path, shard: str) -> set[str] | None:
+    """Keys img2dataset's ``{shard}.parquet`` says it wrote to the tar, or None if unknown."""
+    path = images_dir / f"{shard}.parquet"
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path, columns=["key", "status"])
+    except (OSError, pa.ArrowInvalid, KeyError):
+        logger.debug("%s: cannot read key/status; skipping the completeness check", path)
+        return None
+    return {
+        str(k)
+        for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist(), strict=True)
+        if s == "success" and k is not None
+    }
+
+
+# -- decoding in DataLoader workers --------------------------------------------------------------
+@dataclass
+class PreparedBatch:
+    """A batch as a worker hands it over: model inputs for the good images, errors for the rest.
+
+    ``items`` keeps every sample in tar order as ``(key, alt_text, instruction, error)``;
+    ``good`` indexes the items whose images are in ``inputs`` (same order).
+    """
+
+    index: int
+    items: list[tuple[str, str, str, str | None]]
+    good: list[int]
+    inputs: dict[str, Any] | None
+    shard_error: str | None = None
+
+
+class ShardBatches(IterableDataset):
+    """An ``IterableDataset`` over one shard that yields :class:`PreparedBatch`-es in order.
+
+    With ``n`` DataLoader workers, worker ``w`` prepares batches ``w, w + n, w + 2n, ...``; the
+    DataLoader takes them round-robin, so batches arrive in tar order. Each worker streams the
+    tar itself (cheap next to decoding) and decodes only its own batches.
+    """
+
+    def __init__(
+        self,
+        tar_path: Path,
+        processor: Any,
+        template: str,
+        section: CaptionConfig,
+    ) -> None:
+        super().__init__()
+        self.tar_path = tar_path
+        self.processor = processor
+        self.template = template
+        self.batch_size = section.batch_size
+        self.min_side = section.min_image_side
+        self.max_pixels = section.max_image_pixels
+        self.max_alt_chars = section.max_alt_text_chars
+        self._prompt_cache: dict[str, str] = {}
+
+    def _chat_prompt(self, instruction: str) -> str:
+        from recaption.models.llava import chat_prompt
+
+        prompt = self._prompt_cache.get(instruction)
+        if prompt is None:
+            prompt = chat_prompt(self.processor, instruction)
+            if len(self._prompt_cache) < 64:
+                self._prompt_cache[instruction] = prompt
+        return prompt
+
+    def _encode(self, images: list[Any], instructions: list[str]) -> dict[str, Any]:
+        texts = [self._chat_prompt(i) for i in instructions]
+        encoded = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        return dict(encoded)
+
+    def prepare(self, index: int, samples: list[RawSample]) -> PreparedBatch:
+        """Decode and preprocess one batch of samples; bad ones become error items."""
+        items: list[tuple[str, str, str, str | None]] = []
+        images: list[Any] = []
+        good: list[int] = []
+        for sample in samples:
+            alt = sample.alt_text()
+            instruction = fill_instruction(self.template, alt, self.max_alt_chars)
+            data = sample.image_bytes()
+            error = None
+            if data is None:
+                found = ", ".join(sorted(sample.members)) or "none"
+                error = f"no image member in the tar for this key (members: {found})"
+            else:
+                try:
+                    images.append(
+                        decode_image(data, min_side=self.min_side, max_pixels=self.max_pixels)
+                    )
+                    good.append(len(items))
+                except ImageDecodeError as exc:
+                    error = str(exc)
+            items.append((sample.key, alt, instruction, error))
+        inputs = None
+        if images:
+            instructions = [items[i][2] for i in good]
+            try:
+                inputs = self._encode(images, instructions)
+            except (ValueError, TypeError, RuntimeError, OSError) as exc:
+                # One image the processor rejects must not cost the batch: find it alone.
+                inputs, good = self._encode_one_by_one(images, instructions, good, items, exc)
+        return PreparedBatch(index, items, good, inputs)
+
+    def _encode_one_by_one(
+        self,
+        images: list[Any],
+        instructions: list[str],
+        good: list[int],
+        items: list[tuple[str, str, str, str | None]],
+        batch_error: Exception,
+    ) -> tuple[dict[str, Any] | None, list[int]]:
+        kept: list[int] = []
+        kept_images, kept_instructions = [], []
+        for image, instruction, item_index in zip(images, instructions, good, strict=True):
+            try:
+                self._encode([image], [instruction])
+            except (ValueError, TypeError, RuntimeError, OSError) as exc:
+                key, alt, instr, _ = items[item_index]
+                items[item_index] = (key, alt, instr, f"preprocessing failed: {exc}")
+                continue
+            kept.append(item_index)
+            kept_images.append(image)
+            kept_instructions.append(instruction)
+        if not kept:
+            return None, []
+        logger.debug("batch preprocessing failed (%s); isolated the bad image(s)", batch_error)
+        return self._encode(kept_images, kept_instructions), kept
+
+    def __iter__(self) -> Iterator[PreparedBatch]:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        index = 0
+        chunk: list[RawSample] = []
+        try:
+            for sample in iter_tar_samples(self.tar_path):
+                chunk.append(sample)
+                if len(chunk) == self.batch_size:
+                    if index % n_workers == worker:
+                        yield self.prepare(index, chunk)
+                    index, chunk = index + 1, []
+            if chunk and index % n_workers == worker:
+                yield self.prepare(index, chunk)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            # Handed over as data, so the main process can fail the shard with a clear message.
+            message = (
+                f"{self.tar_path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                "delete it with its _stats.json and rerun the download for this shard"
+            )
+            yield PreparedBatch(-1, [], [], None, shard_error=message)
+
+
+def _worker_init(_worker_id: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the worker decodes; the main process owns the cores for the model
+
+
+# -- generation ----------------------------------------------------------------------------------
+def finish_tokens(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], int, str]:
+    """Split generated ``tokens`` at the first end token.
+
+    Returns the caption's tokens, how many tokens were generated (the end token included,
+    the padding after it not), and the finish reason: "stop" if an end token came,
+    "length" if the token budget ran out first.
+    """
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:i], i + 1, "stop"
+    return tokens, len(tokens), "length"
+
+
+class ShardCaptioner:
+    """Captions whole shards with one loaded model; ``caption_shard`` is the ledger's callback."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        captioner: Any,
+        ledger: ShardLedger,
+        rank: int = 0,
+    ) -> None:
+        self.config = config
+        self.section = config.caption
+        self.captioner = captioner
+        self.ledger = ledger
+        self.rank = rank
+        self.template = instruction_template(self.section)
+        self.revision = self.section.revision or captioner.revision
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``generate``: greedy unless sampling is switched on."""
+        s = self.section
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": s.max_new_tokens,
+            "do_sample": s.do_sample,
+            "repetition_penalty": s.repetition_penalty,
+            "pad_token_id": self.captioner.pad_token_id,
+        }
+        if s.min_new_tokens:
+            kwargs["min_new_tokens"] = min(s.min_new_tokens, s.max_new_tokens)
+        if s.do_sample:
+            kwargs.update(temperature=s.temperature, top_p=s.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def generate(self, inputs: dict[str, Any], seed: int) -> tuple[list[list[int]], list[int]]:
+        """Run ``generate`` on one prepared batch; the new tokens and prompt lengths per row."""
+        import torch
+
+        c = self.captioner
+        moved = {}
+        for name, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(c.device, non_blocking=True)
+                if value.is_floating_point():
+                    value = value.to(c.dtype)
+            moved[name] = value
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            output = c.model.generate(**moved, **self.generation_kwargs())
+        prompt_len = moved["input_ids"].shape[1]
+        new_tokens = output[:, prompt_len:].cpu().tolist()
+        prompt_tokens = moved["attention_mask"].sum(dim=1).cpu().tolist()
+        return new_tokens, [int(n) for n in prompt_tokens]
+
+    def batch_rows(self, batch: PreparedBatch, shard_seed: int) -> tuple[list[dict], int]:
+        """The parquet rows of one batch (tar order) and the number of new tokens generated."""
+        c = self.captioner
+        rows: list[dict[str, Any]] = []
+        for key, alt, instruction, error in batch.items:
+            rows.append(
+                {
+                    "key": key,
+                    "caption": None,
+                    "original_text": alt,
+                    "model": self.section.model,
+                    "revision": self.revision,
+                    "prompt": instruction,
+                    "n_prompt_tokens": None,
+                    "n_new_tokens": None,
+                    "finish_reason": None,
+                    "status": "error" if error else "ok",
+                    "error": error,
+                }
+            )
+        n_new = 0
+        if batch.inputs is not None and batch.good:
+            new_tokens, prompt_tokens = self.generate(batch.inputs, shard_seed + batch.index)
+            eos = c.eos_token_ids
+            for row_index, tokens, n_prompt in zip(
+                batch.good, new_tokens, prompt_tokens, strict=True
+            ):
+                caption_tokens, n_generated, reason = finish_tokens(tokens, eos)
+                rows[row_index].update(
+                    caption=c.processor.tokenizer.decode(
+                        caption_tokens, skip_special_tokens=True
+                    ).strip(),
+                    n_prompt_tokens=n_prompt,
+                    n_new_tokens=n_generated,
+                    finish_reason=reason,
+                )
+                n_new += n_generated
+        # Items the processor rejected one by one are errors although their image decoded.
+        for i, item in enumerate(batch.items):
+            if item[3] is not None:
+                rows[i].update(status="error", error=item[3], caption=None)
+        return rows, n_new
+
+    def caption_shard(self, shard: str) -> dict[str, Any]:
+        """Caption one shard and write ``captions/{shard}.parquet``; returns its stats."""
+        import torch
+        from torch.utils.data import DataLoader
+        from tqdm import tqdm
+
+        images_dir = self.config.images_dir
+        tar_path = images_dir / f"{shard}.tar"
+        if not tar_path.exists():
+            raise ShardError(
+                f"{tar_path} is missing although {shard}{STATS_SUFFIX} marks the download done; "
+                "delete the marker and rerun the download for this shard"
+            )
+        start = time.perf_counter()
+        dataset = ShardBatches(tar_path, self.captioner.processor, self.template, self.section)
+        workers = self.section.num_workers
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=4 if workers else None,
+            pin_memory=self.captioner.device.startswith("cuda"),
+        )
+        shard_seed = self.section.seed + zlib.crc32(shard.encode())
+        rows: list[dict[str, Any]] = []
+        n_new_tokens = 0
+        progress = tqdm(
+            desc=f"caption [rank {self.rank}] {shard}",
+            unit="img",
+            position=self.rank,
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        try:
+            for batch in loader:
+                self.ledger.check_stop()
+                if batch.shard_error:
+                    raise ShardError(batch.shard_error)
+                batch_rows, n_new = self.batch_rows(batch, shard_seed)
+                rows.extend(batch_rows)
+                n_new_tokens += n_new
+                progress.update(len(batch_rows))
+        finally:
+            progress.close()
+            del loader
+        if torch.cuda.is_available() and self.captioner.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+        expected = expected_keys(images_dir, shard)
+        seen = {row["key"] for row in rows}
+        if expected is not None and not expected <= seen:
+            missing = sorted(expected - seen)
+            raise ShardError(
+                f"{tar_path} holds {len(seen)} samples but {shard}.parquet lists "
+                f"{len(expected)} successful downloads ({len(missing)} missing, e.g. "
+                f"{missing[0]!r}): the tar is probably truncated; delete it with its "
+                "_stats.json and rerun the download for this shard"
+            )
+
+        out = self.ledger.output_path(shard, ".parquet")
+        with atomic_path(out) as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA), tmp)
+
+        seconds = time.perf_counter() - start
+        n_ok = sum(row["status"] == "ok" for row in rows)
+        errors: dict[str, int] = {}
+        for row in rows:
+            if row["error"]:
+                reason = row["error"].split(":")[0].split("(")[0].strip()
+                errors[reason] = errors.get(reason, 0) + 1
+        stats = {
+            "n_input": len(rows),
+            "n_ok": n_ok,
+            "n_failed": len(rows) - n_ok,
+            "n_finish_length": sum(row["finish_reason"] == "length" for row in rows),
+            "n_new_tokens": n_new_tokens,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(len(rows) / seconds, 3) if seconds > 0 else None,
+            "new_tokens_per_s": round(n_new_tokens / seconds, 3) if seconds > 0 else None,
+            "errors": errors,
+            "model": self.section.model,
+            "revision": self.revision,
+        }
+        logger.info(
+            "caption: shard %s done: %d images (%d ok, %d failed), %.1f images/s, "
+            "%.0f new tokens/s, %.1fs",
+            shard,
+            len(rows),
+            n_ok,
+            len(rows) - n_ok,
+            stats["images_per_s"] or 0.0,
+            stats["new_tokens_per_s"] or 0.0,
+            seconds,
+        )
+        return stats
+
+
+# -- the stage -----------------------------------------------------------------------------------
+def input_shards(images_dir: Path) -> list[str]:
+    """Shards whose download finished: img2dataset's ``{shard}_stats.json`` is present."""
+    from recaption.ledger import list_shards
+
+    if not images_dir.is_dir():
+        raise FileNotFoundError(
+            f"{images_dir} does not exist: nothing to caption. Run `recaption download CONFIG` "
+            "first (or point run_dir at a run that has images/)"
+        )
+    return list_shards(images_dir, STATS_SUFFIX)
+
+
+def run(ctx: StageContext) -> StageSummary:
+    """Caption this worker's pending shards; see the module docstring."""
+    from recaption.demo.models import resolve_model
+    from recaption.distributed import default_device
+    from recaption.ledger import assign
+    from recaption.models.llava import check_checkpoint, load_captioner
+
+    config = ctx.config
+    section = config.caption
+    template = instruction_template(section)  # a bad prompt config stops before anything runs
+    shards = input_shards(config.images_dir)
+    if not shards:
+        raise FileNotFoundError(
+            f"{config.images_dir} has no finished download shard ({{shard}}.tar with its "
+            "{shard}_stats.json); run `recaption download CONFIG` first"
+        )
+    model_path = resolve_model(config, section.model)
+    check_checkpoint(model_path, section.revision, section.trust_remote_code)
+    ledger = ShardLedger(
+        STAGE, config.stage_dir(STAGE), section.fingerprint_dict(), overwrite=ctx.overwrite
+    )
+    ledger.prepare()
+    mine = [s for s in assign(shards, ctx.rank, ctx.world_size) if not ledger.is_done(s)]
+    if not mine:
+        summary = ledger.run(shards, lambda shard: {}, rank=ctx.rank, world_size=ctx.world_size)
+        summary.messages.append(f"caption: nothing pending for rank {ctx.rank}")
+        return summary
+    device = section.device or default_device()
+    captioner = load_captioner(
+        model_path,
+        revision=section.revision,
+        trust_remote_code=section.trust_remote_code,
+        dtype=section.dtype,
+        device=device,
+        name=section.model,
+    )
+    logger.info("caption: instruction %r, batch %d", template, section.batch_size)
+    worker = ShardCaptioner(config, captioner, ledger, rank=ctx.rank)
+    return ledger.run(shards, worker.caption_shard, rank=ctx.rank, world_size=ctx.world_size)
