@@ -1,0 +1,898 @@
+"""Train: distil the SDXL teacher into a KOALA student on the recaptioned pairs.
+
+One training loop, readable top to bottom (nanoGPT style): get a batch, encode it with the
+frozen teacher parts (VAE, both text encoders), add noise, run teacher and student, compute
+
+    loss = w_task · MSE(ε_student, ε) + w_out · MSE(ε_student, ε_teacher)
+           + w_feat · Σ_pairs MSE(attn1_student, attn1_teacher)
+
+(KOALA's task + output + self-attention feature distillation), backward, clip, step, EMA, log,
+checkpoint. accelerate supplies mixed precision, gradient accumulation, DDP across GPUs and
+nodes (``accelerate launch -m recaption train CONFIG``) and ``save_state``/``load_state``.
+
+Data is streamed from ``run_dir/dataset/webdataset/*.tar``. Every epoch is one deterministic
+stream of samples (seeded shard order and shuffle buffer); sample ``i`` of the stream belongs
+to process ``i % world_size``. A checkpoint records the stream position, so a resumed run,
+even with another number of processes, continues where the last checkpoint left off. Each
+process reads the tar bytes of every shard but decodes only its own samples.
+
+Outputs in ``run_dir/koala/``: ``checkpoints/checkpoint-NNNNNNNN/`` (accelerate state),
+``train_state.json`` (step, losses; read by ``recaption status``), ``train_log.jsonl`` (one
+line per logged step) and, at the end, ``pipeline/``: a complete ``StableDiffusionXLPipeline``
+folder with the student U-Net (EMA weights when enabled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual alias
+from PIL import Image
+from tqdm.auto import tqdm
+
+from recaption.config import RunConfig, TrainConfig, fingerprint
+from recaption.demo.models import resolve_model
+from recaption.ledger import ShardLedger, StageSummary, write_json_atomic
+from recaption.stages import StageContext
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAIN_STATE_FILE = "train_state.json"
+TRAIN_LOG_FILE = "train_log.jsonl"
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up checks
+# ---------------------------------------------------------------------------------------------
+def find_training_shards(folder: Path) -> list[Path]:
+    """The merge stage's ``*.tar`` shards in ``folder`` (temporaries skipped), sorted."""
+    tars = sorted(p for p in Path(folder).glob("*.tar") if not p.name.startswith("."))
+    if not tars:
+        raise FileNotFoundError(
+            f"no training shards (*.tar) in {folder}; run `recaption merge CONFIG` first "
+            "or point run_dir at a run whose dataset is merged"
+        )
+    return tars
+
+
+def check_teacher(spec: str) -> None:
+    """Refuse a local teacher folder that is missing or not an SDXL pipeline.
+
+    Hub ids are checked when they load (``from_pretrained`` names the problem).
+    """
+    path = Path(spec)
+    looks_local = path.is_absolute() or spec.startswith(".") or path.exists()
+    if not looks_local:
+        return
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"teacher {spec}: no model_index.json there; train.teacher must be an SDXL pipeline "
+            "folder (save_pretrained of StableDiffusionXLPipeline) or a hub id such as "
+            "stabilityai/stable-diffusion-xl-base-1.0"
+        )
+    components = json.loads(index.read_text())
+    needed = ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    missing = [c for c in needed if c not in components]
+    if missing:
+        raise ValueError(
+            f"teacher {spec} is not an SDXL pipeline ({components.get('_class_name')}, missing "
+            f"{', '.join(missing)}); KOALA distils StableDiffusionXLPipeline checkpoints"
+        )
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (temporaries skipped)."""
+    if not folder.is_dir():
+        return []
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise ``RuntimeError`` when a checkpoint folder lacks the files accelerate writes."""
+    names = {p.name for p in path.iterdir()}
+    has_model = any(n.startswith("model") for n in names)
+    has_optimizer = any(n.startswith("optimizer") for n in names)
+    has_progress = any(n.startswith("custom_checkpoint_") for n in names)
+    if not (has_model and has_optimizer and has_progress):
+        raise RuntimeError(
+            f"checkpoint {path} is incomplete or corrupt (files: {', '.join(sorted(names))}); "
+            "delete that folder to resume from the checkpoint before it, or pass --overwrite "
+            "to start training over"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: a deterministic stream of preprocessed samples from the webdataset shards
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StreamPosition:
+    """Where the sample stream stands: epoch and index of the next sample in that epoch."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
+    """Samples of one webdataset tar as dicts of raw bytes (``__key__``, ``jpg``, ...)."""
+    import webdataset as wds
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
+    yield from pipeline
+
+
+def preprocess_image(
+    image: Image.Image, resolution: int, rng: random.Random, center_crop: bool, flip: bool
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """SDXL preprocessing: resize the short side, crop, flip; returns pixels in [-1, 1],
+    the original ``(height, width)`` and the crop's ``(top, left)`` for the time ids."""
+    image = image.convert("RGB")
+    original_size = (image.height, image.width)
+    scale = resolution / min(image.width, image.height)
+    width = max(resolution, round(image.width * scale))
+    height = max(resolution, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    if center_crop:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    else:
+        top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = width - left - resolution
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0, original_size, (top, left)
+
+
+class TrainingSamples(torch.utils.data.IterableDataset):
+    """This process's share of the endless, deterministic sample stream.
+
+    Epoch ``e`` visits the shards in an order seeded by ``(seed, e)`` through a seeded shuffle
+    buffer; sample ``i`` of the epoch belongs to process ``i % world_size`` and, within it,
+    to DataLoader worker ``(i // world_size) % num_workers``. Only owned samples are decoded.
+    A sample whose image does not decode is skipped and counted (``skipped`` of the next
+    sample); a shard that cannot be read is logged and reported once (``shard_errors``).
+    """
+
+    def __init__(
+        self,
+        shards: list[Path],
+        config: TrainConfig,
+        *,
+        rank: int,
+        world_size: int,
+        start: StreamPosition,
+    ) -> None:
+        super().__init__()
+        self.shards = list(shards)
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start
+
+    def _stream(self, epoch: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        rng = random.Random(f"{self.config.seed}-{epoch}")
+        order = list(self.shards)
+        rng.shuffle(order)
+        buffer: list[tuple[str, dict[str, Any]]] = []
+        for path in order:
+            try:
+                for sample in _read_shard(path):
+                    buffer.append((path.stem, sample))
+                    if len(buffer) >= self.config.shuffle_buffer:
+                        yield buffer.pop(rng.randrange(len(buffer)))
+            except Exception as exc:  # a truncated tar: keep the samples read so far
+                yield path.stem, {"__error__": f"{type(exc).__name__}: {exc}"}
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decode(
+        self, shard: str, sample: dict[str, Any], rng: random.Random
+    ) -> dict[str, Any] | None:
+        key = sample.get("__key__", "?")
+        image_bytes = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        if image_bytes is None or "txt" not in sample:
+            logger.warning("shard %s, key %s: no image or no caption; skipped", shard, key)
+            return None
+        try:
+            with Image.open(io.BytesIO(image_bytes)) as image:
+                image.load()
+                pixels, original_size, crop = preprocess_image(
+                    image,
+                    self.config.resolution,
+                    rng,
+                    self.config.center_crop,
+                    self.config.random_flip and rng.random() < 0.5,
+                )
+        except Exception as exc:  # corrupt or truncated image bytes
+            logger.warning("shard %s, key %s: image does not decode (%s); skipped", shard, key, exc)
+            return None
+        synthetic = sample["txt"].decode("utf-8", errors="replace").strip()
+        original = ""
+        if "json" in sample:
+            with contextlib.suppress(ValueError, AttributeError):
+                original = str(json.loads(sample["json"]).get("original_text") or "").strip()
+        use_synthetic = rng.random() < self.config.synthetic_caption_ratio or not original
+        caption = synthetic if use_synthetic else original
+        if rng.random() < self.config.empty_prompt_ratio:
+            caption = ""
+        return {
+            "pixel_values": pixels,
+            "caption": caption,
+            "original_size": original_size,
+            "crop_top_left": crop,
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, index = self.start.epoch, 0
+        skipped, shard_errors, reported = 0, [], set()
+        while True:
+            n_seen = n_yielded = 0
+            for shard, sample in self._stream(epoch):
+                if "__error__" in sample:
+                    if shard not in reported and worker == 0:
+                        logger.error("shard %s is unreadable: %s", shard, sample["__error__"])
+                        shard_errors.append(f"{shard}: {sample['__error__']}")
+                    reported.add(shard)
+                    continue
+                n_seen += 1
+                i, index = index, index + 1
+                if epoch == self.start.epoch and i < self.start.index:
+                    continue  # consumed before the checkpoint we resumed from
+                if i % self.world_size != self.rank:
+                    continue
+                if (i // self.world_size) % n_workers != worker:
+                    continue
+                rng = random.Random(f"{self.config.seed}-{epoch}-{i}")
+                decoded = self._decode(shard, sample, rng)
+                if decoded is None:
+                    skipped += 1
+                    continue
+                decoded.update(epoch=epoch, index=i, skipped=skipped, shard_errors=shard_errors)
+                skipped, shard_errors = 0, []
+                n_yielded += 1
+                yield decoded
+            if n_seen == 0:
+                raise RuntimeError(
+                    "no readable samples in the training shards: "
+                    + ", ".join(str(p) for p in self.shards[:5])
+                )
+            if n_yielded == 0 and not (epoch == self.start.epoch and self.start.index):
+                raise RuntimeError(
+                    f"process {self.rank} (DataLoader worker {worker}) got no decodable sample "
+                    f"in a whole epoch of {n_seen} samples: the images do not decode, or there "
+                    "are fewer samples than processes x train.num_workers"
+                )
+            epoch, index = epoch + 1, 0
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack pixels; keep captions and SDXL size conditioning as lists."""
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "original_sizes": [s["original_size"] for s in samples],
+        "crops_top_left": [s["crop_top_left"] for s in samples],
+        "position": max((s["epoch"], s["index"]) for s in samples),
+        "skipped": sum(s["skipped"] for s in samples),
+        "shard_errors": [e for s in samples for e in s["shard_errors"]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state that travels in every checkpoint
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainProgress:
+    """Step counter and data position, saved with ``accelerator.save_state``."""
+
+    step: int = 0
+    epoch: int = 0
+    next_index: int = 0
+    samples_seen: int = 0
+    samples_skipped: int = 0
+    shard_errors: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if hasattr(self, key):
+                setattr(self, key, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+def add_time_ids(
+    original_sizes: list[tuple[int, int]],
+    crops_top_left: list[tuple[int, int]],
+    resolution: int,
+) -> torch.Tensor:
+    """SDXL micro-conditioning: ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``."""
+    rows = [
+        [*size, *crop, resolution, resolution]
+        for size, crop in zip(original_sizes, crops_top_left, strict=True)
+    ]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def run(ctx: StageContext) -> StageSummary:
+    """Distil the teacher into the student; write checkpoints, state and the final pipeline."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from recaption.models.koala import (
+        SelfAttentionFeatures,
+        aligned_self_attention_pairs,
+        init_student_from_teacher,
+    )
+
+    config: RunConfig = ctx.config
+    cfg = config.train
+    koala_dir = config.koala_dir
+    checkpoints_dir = koala_dir / "checkpoints"
+    pipeline_dir = koala_dir / "pipeline"
+    start_time = time.perf_counter()
+
+    # -- start-up checks: everything that can be wrong is found before anything is written ---
+    shards = find_training_shards(config.stage_dir("merge"))
+    if cfg.resolution % 8:
+        raise ValueError(
+            f"train.resolution {cfg.resolution} is not divisible by 8 (the VAE's downsampling "
+            "factor); use e.g. 1024, 512 or 64"
+        )
+    teacher_spec = resolve_model(config, cfg.teacher)
+    check_teacher(teacher_spec)
+    run_fingerprint = fingerprint(cfg.fingerprint_dict())
+
+    ledger = ShardLedger("train", koala_dir, cfg.fingerprint_dict(), overwrite=ctx.overwrite)
+    recorded = ledger.recorded_config()
+    config_changed = recorded is not None and recorded.get("fingerprint") != ledger.fingerprint
+    if config_changed and not ctx.overwrite:
+        ledger.prepare()  # raises ConfigMismatchError naming the keys that differ
+    checkpoints = [] if config_changed else list_checkpoints(checkpoints_dir)
+    if checkpoints:
+        check_checkpoint(checkpoints[-1])
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=cfg.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(koala_dir), logging_dir=str(koala_dir / "logs")
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    main = accelerator.is_main_process
+    device = accelerator.device
+    summary = StageSummary(
+        "train",
+        accelerator.process_index,
+        accelerator.num_processes,
+        shards_total=len(shards),
+    )
+
+    if main:
+        ledger.prepare()
+        if config_changed:  # only reached with --overwrite
+            logger.warning("train config changed and --overwrite given: training starts over")
+            shutil.rmtree(checkpoints_dir, ignore_errors=True)
+            shutil.rmtree(pipeline_dir, ignore_errors=True)
+            for name in (TRAIN_STATE_FILE, TRAIN_LOG_FILE):
+                (koala_dir / name).unlink(missing_ok=True)
+        if not checkpoints:  # a fresh start: no log lines of an abandoned attempt
+            (koala_dir / TRAIN_LOG_FILE).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+    set_seed(cfg.seed)
+
+    # -- teacher: frozen, in teacher_dtype; its VAE, text encoders, tokenizers are reused -----
+    teacher_dtype = _TORCH_DTYPES[cfg.teacher_dtype]
+    try:
+        teacher = StableDiffusionXLPipeline.from_pretrained(
+            teacher_spec,
+            torch_dtype=teacher_dtype,
+            revision=cfg.teacher_revision,
+            variant=cfg.teacher_variant,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"teacher {cfg.teacher} could not be loaded: {exc}") from exc
+    teacher.set_progress_bar_config(disable=True)
+    vae_dtype = torch.float32 if teacher.vae.config.get("force_upcast", True) else teacher_dtype
+    teacher.vae.to(device, dtype=vae_dtype)
+    for module in (teacher.text_encoder, teacher.text_encoder_2, teacher.unet):
+        module.to(device)
+    for module in (teacher.vae, teacher.text_encoder, teacher.text_encoder_2, teacher.unet):
+        module.requires_grad_(False).eval()
+    noise_scheduler = DDPMScheduler.from_config(teacher.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    scaling_factor = teacher.vae.config.scaling_factor
+
+    # -- student: compressed U-Net initialised from the teacher -------------------------------
+    student = init_student_from_teacher(teacher.unet, cfg.preset).to(device)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    pairs = aligned_self_attention_pairs(student, teacher.unet)
+    student_features = SelfAttentionFeatures(student, [s for s, _ in pairs])
+    teacher_features = SelfAttentionFeatures(teacher.unet, [t for _, t in pairs])
+    logger.info("distilling %d self-attention pairs", len(pairs))
+
+    optimizer = torch.optim.AdamW(
+        student.parameters(),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    # Stepped once per optimizer step (not prepared), so a resume with another process count
+    # keeps the same schedule.
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
+    ema = None
+    if cfg.use_ema:
+        ema = EMAModel(
+            student.parameters(),
+            decay=cfg.ema_decay,
+            model_cls=type(student),
+            model_config=student.config,
+        )
+        ema.to(device)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    progress = TrainProgress(fingerprint=run_fingerprint)
+    accelerator.register_for_checkpointing(progress)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    # -- resume from the newest checkpoint -----------------------------------------------------
+    if checkpoints:
+        latest = checkpoints[-1]
+        try:
+            accelerator.load_state(str(latest))
+        except Exception as exc:
+            raise RuntimeError(
+                f"checkpoint {latest} could not be loaded ({type(exc).__name__}: {exc}); delete "
+                "that folder to resume from the one before, or pass --overwrite to start over"
+            ) from exc
+        logger.info(
+            "resuming from %s at step %d (epoch %d, sample %d)",
+            latest.name,
+            progress.step,
+            progress.epoch,
+            progress.next_index,
+        )
+        # The LR follows max_steps, which may have been raised to extend a finished run.
+        _stretch_schedule(lr_scheduler, cfg, progress.step)
+    if ema is not None:
+        ema.to(device)
+
+    if progress.step >= cfg.max_steps and (pipeline_dir / "model_index.json").exists():
+        logger.info("training already finished at step %d: %s", progress.step, pipeline_dir)
+        summary.shards_done_before = len(shards)
+        summary.messages.append(f"KOALA pipeline: {pipeline_dir}")
+        summary.seconds = time.perf_counter() - start_time
+        return summary
+
+    dataset = TrainingSamples(
+        shards,
+        cfg,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        start=StreamPosition(progress.epoch, progress.next_index),
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    if cfg.report_to and main:
+        accelerator.init_trackers("koala", config=cfg.model_dump(mode="json"))
+
+    # SIGTERM / SIGUSR1 (SLURM preemption): finish the step, checkpoint, exit.
+    stop = {"signal": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.warning("got %s: checkpointing and stopping", signal.Signals(signum).name)
+        stop["signal"] = signum
+
+    previous_handlers = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            with contextlib.suppress(ValueError):  # not the main thread
+                previous_handlers[sig] = signal.signal(sig, on_signal)
+
+    global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    logger.info(
+        "training %s from %s: %d shard(s), resolution %d, %d process(es), global batch %d, "
+        "steps %d -> %d",
+        cfg.preset,
+        cfg.teacher,
+        len(shards),
+        cfg.resolution,
+        accelerator.num_processes,
+        global_batch,
+        progress.step,
+        cfg.max_steps,
+    )
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=progress.step,
+        desc=f"train {cfg.preset}",
+        disable=not main,
+        dynamic_ncols=True,
+    )
+    weights = (cfg.task_loss_weight, cfg.output_kd_weight, cfg.feature_kd_weight)
+    running = torch.zeros(4, device=device)  # total, task, out_kd, feat_kd over the log window
+    n_running, window_start, window_images = 0, time.perf_counter(), 0
+    last_terms: dict[str, float] = {}
+    student.train()
+    batches = iter(loader)
+    try:
+        while progress.step < cfg.max_steps:
+            # ---- one optimizer step: gradient_accumulation_steps micro-batches ----
+            for _ in range(cfg.gradient_accumulation_steps):
+                batch = next(batches)
+                progress.samples_skipped += batch["skipped"]
+                progress.shard_errors += batch["shard_errors"]
+                with accelerator.accumulate(student):
+                    terms = distillation_step(
+                        batch,
+                        teacher=teacher,
+                        student=student,
+                        noise_scheduler=noise_scheduler,
+                        pairs=pairs,
+                        student_features=student_features,
+                        teacher_features=teacher_features,
+                        resolution=cfg.resolution,
+                        scaling_factor=scaling_factor,
+                        prediction_type=prediction_type,
+                        teacher_dtype=teacher_dtype,
+                        weights=weights,
+                        device=device,
+                    )
+                    accelerator.backward(terms[0])
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running += torch.stack([t.detach().float() for t in terms])
+                n_running += 1
+                window_images += len(batch["captions"])
+                position = batch["position"]
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(student).parameters())
+            progress.step += 1
+            bar.update(1)
+
+            # The stream position of the checkpoint: the furthest sample any process used.
+            # Every process runs these collectives at the same steps.
+            reached = accelerator.gather(torch.tensor([list(position)], device=device)).tolist()
+            epoch, index = max(tuple(r) for r in reached)
+            progress.epoch, progress.next_index = epoch, index + 1
+            progress.samples_seen += global_batch
+            stop_now = (
+                accelerator.reduce(
+                    torch.tensor([float(stop["signal"] is not None)], device=device), "sum"
+                ).item()
+                > 0
+            )
+
+            if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
+                means = accelerator.reduce(running / max(n_running, 1), "mean").tolist()
+                elapsed = time.perf_counter() - window_start
+                images_per_second = window_images * accelerator.num_processes / max(elapsed, 1e-9)
+                last_terms = {
+                    "loss": means[0],
+                    "loss_task": means[1],
+                    "loss_out_kd": means[2],
+                    "loss_feat_kd": means[3],
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "images_per_second": images_per_second,
+                }
+                bar.set_postfix(
+                    loss=f"{means[0]:.4f}",
+                    task=f"{means[1]:.4f}",
+                    out=f"{means[2]:.4f}",
+                    feat=f"{means[3]:.4f}",
+                    img_s=f"{images_per_second:.1f}",
+                )
+                accelerator.log(last_terms, step=progress.step)
+                if main:
+                    _append_log(koala_dir / TRAIN_LOG_FILE, {"step": progress.step, **last_terms})
+                    _write_train_state(koala_dir, progress, cfg, last_terms, "training")
+                running.zero_()
+                n_running, window_start, window_images = 0, time.perf_counter(), 0
+
+            at_end = progress.step == cfg.max_steps
+            if progress.step % cfg.checkpointing_steps == 0 or at_end or stop_now:
+                _save_checkpoint(accelerator, checkpoints_dir, progress.step, cfg)
+                if main:
+                    _write_train_state(koala_dir, progress, cfg, last_terms, "training")
+            if stop_now and not at_end:
+                summary.interrupted = True
+                break
+    finally:
+        bar.close()
+        student_features.remove()
+        teacher_features.remove()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+    summary.samples_ok = progress.samples_seen
+    summary.samples_failed = progress.samples_skipped
+    for error in progress.shard_errors:
+        shard, _, message = error.partition(": ")
+        summary.shards_failed[shard] = message
+    summary.shards_ok = [p.stem for p in shards if p.stem not in summary.shards_failed]
+    if summary.interrupted:
+        if main:
+            _write_train_state(koala_dir, progress, cfg, last_terms, "interrupted")
+        summary.messages.append(
+            f"stopped at step {progress.step}; rerun to resume from the checkpoint"
+        )
+        summary.seconds = time.perf_counter() - start_time
+        accelerator.end_training()
+        return summary
+
+    # -- export: teacher's VAE, text encoders, tokenizers, scheduler + the student U-Net -------
+    accelerator.wait_for_everyone()
+    if main:
+        unet = accelerator.unwrap_model(student)
+        if ema is not None:
+            ema.copy_to(unet.parameters())
+        save_pipeline(teacher, unet, pipeline_dir, cfg)
+        _write_train_state(koala_dir, progress, cfg, last_terms, "finished")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    summary.messages.append(
+        f"KOALA pipeline: {pipeline_dir} (step {progress.step}, loss "
+        f"{last_terms.get('loss', float('nan')):.4f}, skipped samples {progress.samples_skipped})"
+    )
+    summary.seconds = time.perf_counter() - start_time
+    return summary
+
+
+def distillation_step(
+    batch: dict[str, Any],
+    *,
+    teacher: Any,
+    student: torch.nn.Module,
+    noise_scheduler: Any,
+    pairs: list[tuple[str, str]],
+    student_features: Any,
+    teacher_features: Any,
+    resolution: int,
+    scaling_factor: float,
+    prediction_type: str,
+    teacher_dtype: torch.dtype,
+    weights: tuple[float, float, float],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward one micro-batch: ``(loss, task, output KD, feature KD)``, loss not yet scaled.
+
+    ``weights`` are ``(w_task, w_out, w_feat)``; a zero weight skips that term's work (with
+    ``w_out == w_feat == 0`` the teacher U-Net is not run: a plain fine-tune step).
+    """
+    w_task, w_out, w_feat = weights
+    with torch.no_grad():
+        pixels = batch["pixel_values"].to(device, dtype=teacher.vae.dtype)
+        latents = teacher.vae.encode(pixels).latent_dist.sample() * scaling_factor
+        latents = latents.float()
+        prompt_embeds, _, pooled_embeds, _ = teacher.encode_prompt(
+            batch["captions"], device=device, do_classifier_free_guidance=False
+        )
+        time_ids = add_time_ids(batch["original_sizes"], batch["crops_top_left"], resolution)
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
+    ).long()
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = (
+        noise_scheduler.get_velocity(latents, noise, timesteps)
+        if prediction_type == "v_prediction"
+        else noise
+    )
+    cond = {"text_embeds": pooled_embeds, "time_ids": time_ids.to(device)}
+    zero = torch.zeros((), device=device)
+    teacher_pred = None
+    if w_out or w_feat:
+        with torch.no_grad(), teacher_features.record():
+            teacher_pred = teacher.unet(
+                noisy.to(teacher_dtype),
+                timesteps,
+                prompt_embeds.to(teacher_dtype),
+                added_cond_kwargs={k: v.to(teacher_dtype) for k, v in cond.items()},
+            ).sample
+    with student_features.record() if w_feat else contextlib.nullcontext():
+        student_pred = student(
+            noisy,
+            timesteps,
+            prompt_embeds.float(),
+            added_cond_kwargs={k: v.float() for k, v in cond.items()},
+        ).sample
+    student_pred = student_pred.float()
+    task = F.mse_loss(student_pred, target.float()) if w_task else zero
+    out_kd = F.mse_loss(student_pred, teacher_pred.float()) if teacher_pred is not None else zero
+    feat_kd = zero
+    if w_feat:
+        feat_kd = sum(
+            F.mse_loss(student_features.outputs[s].float(), teacher_features.outputs[t].float())
+            for s, t in pairs
+        )
+    loss = w_task * task + w_out * out_kd + w_feat * feat_kd
+    return loss, task, out_kd, feat_kd
+
+
+def _stretch_schedule(lr_scheduler: Any, cfg: TrainConfig, step: int) -> None:
+    """Rebuild the LR lambda for the current ``max_steps`` while keeping the step count."""
+    from diffusers.optimization import get_scheduler
+
+    fresh = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=lr_scheduler.optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
+    lr_scheduler.lr_lambdas = fresh.lr_lambdas
+    lr_scheduler.last_epoch = step
+    for group, base_lr, lam in zip(
+        lr_scheduler.optimizer.param_groups,
+        lr_scheduler.base_lrs,
+        lr_scheduler.lr_lambdas,
+        strict=True,
+    ):
+        group["lr"] = base_lr * lam(step)
+    lr_scheduler._last_lr = [g["lr"] for g in lr_scheduler.optimizer.param_groups]
+
+
+def _save_checkpoint(accelerator: Any, folder: Path, step: int, cfg: TrainConfig) -> None:
+    """``save_state`` into a temporary folder, then rename it (a kill never leaves half)."""
+    final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = folder / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        limit = cfg.checkpoints_total_limit
+        if limit is not None and limit > 0:
+            for old in list_checkpoints(folder)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+
+
+def _append_log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_train_state(
+    koala_dir: Path,
+    progress: TrainProgress,
+    cfg: TrainConfig,
+    terms: dict[str, float],
+    status: str,
+) -> None:
+    state = {
+        "status": status,
+        "step": progress.step,
+        "max_steps": cfg.max_steps,
+        "preset": cfg.preset,
+        "teacher": cfg.teacher,
+        "epoch": progress.epoch,
+        "samples_seen": progress.samples_seen,
+        "samples_skipped": progress.samples_skipped,
+        "shard_errors": progress.shard_errors,
+        "latest_checkpoint": (
+            str(list_checkpoints(koala_dir / "checkpoints")[-1].name)
+            if list_checkpoints(koala_dir / "checkpoints")
+            else None
+        ),
+        **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in terms.items()},
+    }
+    write_json_atomic(koala_dir / TRAIN_STATE_FILE, state)
+
+
+MODEL_CARD = """---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [koala, sdxl, knowledge-distillation]
+---
+# {preset} distilled from {teacher}
+
+A KOALA student U-Net ({preset}, {params:.0f}M parameters) distilled from the SDXL teacher
+`{teacher}` with task, output and self-attention feature distillation, for {steps} steps at
+{resolution}px. The VAE, text encoders, tokenizers and scheduler are the teacher's.
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained("PATH", torch_dtype=torch.float16).to("cuda")
+image = pipe(
+    prompt="A portrait painting of a Golden Retriever like Leonard da Vinci",
+    negative_prompt="worst quality, low quality, illustration, low resolution",
+    num_inference_steps=25,
+    guidance_scale=7.5,
+).images[0]
+```
+"""
+
+
+def save_pipeline(teacher: Any, unet: torch.nn.Module, folder: Path, cfg: TrainConfig) -> None:
+    """Write a complete ``StableDiffusionXLPipeline`` folder (safetensors) atomically."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=teacher.vae,
+        text_encoder=teacher.text_encoder,
+        text_encoder_2=teacher.text_encoder_2,
+        tokenizer=teacher.tokenizer,
+        tokenizer_2=teacher.tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(teacher.scheduler.config),
+        force_zeros_for_empty_prompt=teacher.config.get("force_zeros_for_empty_prompt", True),
+    )
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    (tmp / "README.md").write_text(
+        MODEL_CARD.format(
+            preset=cfg.preset,
+            teacher=cfg.teacher,
+            params=params,
+            steps=cfg.max_steps,
+            resolution=cfg.resolution,
+        )
+    )
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("KOALA pipeline written to %s", folder)
