@@ -330,12 +330,14 @@ class ShardCaptioner:
         captioner: Any,
         ledger: ShardLedger,
         rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.config = config
         self.section = config.caption
         self.captioner = captioner
         self.ledger = ledger
         self.rank = rank
+        self.world_size = world_size
         self.template = instruction_template(self.section)
         self.revision = self.section.revision or captioner.revision
 
@@ -503,6 +505,9 @@ class ShardCaptioner:
             "errors": errors,
             "model": self.section.model,
             "revision": self.revision,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "device": self.captioner.device,
         }
         logger.info(
             "caption: shard %s done: %d images (%d ok, %d failed), %.1f images/s, "
@@ -568,5 +573,5 @@ def run(ctx: StageContext) -> StageSummary:
         name=section.model,
     )
     logger.info("caption: instruction %r, batch %d", template, section.batch_size)
-    worker = ShardCaptioner(config, captioner, ledger, rank=ctx.rank)
+    worker = ShardCaptioner(config, captioner, ledger, rank=ctx.rank, world_size=ctx.world_size)
     return ledger.run(shards, worker.caption_shard, rank=ctx.rank, world_size=ctx.world_size)

@@ -200,3 +200,34 @@ def samples() -> Callable[[int, int], list[Sample]]:
 def bad_inputs() -> list[tuple[Sample, str | None]]:
     """Awkward samples, each with the error it must produce (None: captioned normally)."""
     return bad_samples()
+
+
+def read_captions(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every finished caption shard of a run: shard id -> its rows."""
+    captions_dir = run_dir / "captions"
+    return {
+        p.name[: -len(".parquet")]: pq.read_table(p).to_pylist()
+        for p in sorted(captions_dir.glob("*.parquet"))
+        if (captions_dir / p.name.replace(".parquet", "_stats.json")).exists()
+    }
+
+
+@pytest.fixture
+def captions_of() -> Callable[[Path], dict[str, list[dict[str, Any]]]]:
+    """``captions_of(run_dir)``: shard id -> caption rows of every finished shard."""
+    return read_captions
+
+
+@pytest.fixture
+def caption_stage() -> Callable[..., Any]:
+    """``caption_stage(config_path, *overrides, rank=0, world_size=1)``: run the stage here."""
+
+    def run_stage(config_path: Path, *overrides: str, rank: int = 0, world_size: int = 1) -> Any:
+        from recaption.config import load_config
+        from recaption.stages import StageContext
+        from recaption.stages.caption import run
+
+        config = load_config(config_path, list(overrides))
+        return run(StageContext(config, rank=rank, world_size=world_size))
+
+    return run_stage
