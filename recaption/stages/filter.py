@@ -1,0 +1,594 @@
+"""Filter stage: apply the named caption rules to every caption, shard by shard.
+
+Reads ``captions/{shard}.parquet`` (only shards whose caption done marker exists) and writes
+``filtered/{shard}.parquet`` with one row per input sample: ``key``, ``keep``, ``reason`` (the
+first rule that rejected it, ``caption_error`` for samples the caption stage failed, or null),
+``caption_clean`` and every score a rule computed (null where the rule did not run). For every
+shard, ``n_input == n_kept + sum(rejected.values()) + n_failed``; the done marker holds those
+counts.
+
+Two rules need the whole run:
+
+- **Exact duplicates.** Before any shard is decided, each worker builds a table of caption
+  hashes over *all* finished caption shards. Each shard's hashes are cached in
+  ``filtered/_caption_hashes/{shard}-{signature}.npy`` (8 bytes a caption; the signature is
+  the caption parquet's size and mtime, so a rerun caption shard is hashed again). Every rank
+  computes the same table itself from the same files rather than waiting for rank 0: the cache
+  files are written atomically and their content is deterministic, so two ranks racing on one
+  write the same bytes, and no rank ever reads a half table. Only counts above 1 are kept in
+  memory.
+- **CLIP percentile.** With ``min_clip_percentile``, CLIP scores of every shard are computed
+  first (each rank scores its own shards and caches them in ``filtered/_clip/``), then each
+  rank waits (up to ``clip_wait_seconds``) until every shard's scores exist, and computes the
+  same threshold from all of them.
+
+Each done marker records what its decisions depended on (the caption file, the duplicate
+counts of its captions, the CLIP threshold); a shard whose inputs changed since is filtered
+again, with a warning, even though its marker exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from recaption.caption_rules import (
+    DEFAULT_BOILERPLATE_OPENINGS,
+    BoilerplateOpeningRewriter,
+    CaptionRules,
+    CaptionSample,
+    DuplicateCaptionFilter,
+    EmptyCaptionFilter,
+    LanguageFilter,
+    LengthFilter,
+    RefusalFilter,
+    RepetitionFilter,
+    TextNormaliser,
+    TruncationFilter,
+    caption_hash,
+)
+from recaption.config import FilterConfig, RunConfig
+from recaption.ledger import (
+    STATS_SUFFIX,
+    ShardError,
+    ShardLedger,
+    StageSummary,
+    assign,
+    atomic_path,
+    list_shards,
+)
+from recaption.stages import StageContext
+
+logger = logging.getLogger(__name__)
+
+STAGE = "filter"
+CAPTION_COLUMNS = ("key", "caption", "status", "finish_reason")
+CAPTION_ERROR = "caption_error"
+DUPLICATE_KEY = "duplicate_key"
+CLIP_REASON = "clip_score"
+
+# Every score column a rule may write, with its type: every filtered shard has this schema.
+SCORE_COLUMNS: dict[str, pa.DataType] = {
+    "duplicate_ngram_fraction": pa.float32(),
+    "tail_repeats": pa.int32(),
+    "trimmed_chars": pa.int32(),
+    "boilerplate_opening": pa.bool_(),
+    "n_words": pa.int32(),
+    "n_chars": pa.int32(),
+    "language": pa.string(),
+    "language_confidence": pa.float32(),
+    "caption_copies": pa.int32(),
+    "clip_score": pa.float32(),
+    "clip_score_original": pa.float32(),
+}
+FILTERED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("keep", pa.bool_()),
+        ("reason", pa.string()),
+        ("caption_clean", pa.string()),
+        *SCORE_COLUMNS.items(),
+    ]
+)
+
+
+def build_rules(section: FilterConfig, duplicate_counts: dict[int, int] | None) -> CaptionRules:
+    """The rule chain the config asks for, in order (CLIP is applied per shard, after it)."""
+    rules = [
+        TextNormaliser(),
+        EmptyCaptionFilter(),
+        RepetitionFilter(
+            ngram_size=section.ngram_size,
+            max_duplicate_ngram_fraction=section.max_duplicate_ngram_fraction,
+            max_tail_repeats=section.max_tail_repeats,
+        ),
+        TruncationFilter(mode=section.truncated),
+        RefusalFilter(phrases=section.refusal_phrases),
+        BoilerplateOpeningRewriter(
+            mode=section.boilerplate,
+            openings=section.boilerplate_openings
+            if section.boilerplate_openings is not None
+            else DEFAULT_BOILERPLATE_OPENINGS,
+        ),
+        LengthFilter(
+            min_words=section.min_words,
+            max_words=section.max_words,
+            min_chars=section.min_chars,
+            max_chars=section.max_chars,
+        ),
+    ]
+    if section.keep_languages:
+        rules.append(
+            LanguageFilter(
+                keep_languages=section.keep_languages,
+                candidate_languages=section.candidate_languages,
+                min_confidence=section.min_language_confidence,
+            )
+        )
+    if section.max_duplicate_copies is not None and duplicate_counts is not None:
+        rules.append(DuplicateCaptionFilter(duplicate_counts, section.max_duplicate_copies))
+    return CaptionRules(rules)
+
+
+def file_signature(path: Path) -> list[int]:
+    """(size, mtime_ns) of a file: changes whenever the file is rewritten."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def read_caption_table(path: Path, shard: str) -> pa.Table:
+    """The caption stage's table for ``shard``, checked for the columns the filter needs."""
+    if not path.exists():
+        raise ShardError(
+            f"caption shard {shard}: {path} is missing although its done marker exists; "
+            f"rerun `recaption caption` for it"
+        )
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ShardError(f"caption shard {shard}: cannot read {path}: {exc}") from exc
+    missing = [c for c in CAPTION_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ShardError(
+            f"caption shard {shard}: {path} lacks column(s) {', '.join(missing)}; it was not "
+            "written by the caption stage of this version; rerun `recaption caption`"
+        )
+    return table
+
+
+# -- the cross-shard duplicate table ---------------------------------------------------------
+class DuplicateTable:
+    """Counts of caption hashes over every finished caption shard, cached per shard."""
+
+    def __init__(self, captions_dir: Path, cache_dir: Path) -> None:
+        self.captions_dir = captions_dir
+        self.cache_dir = cache_dir
+        self.shard_hashes: dict[str, np.ndarray] = {}
+        self.counts: dict[int, int] = {}
+
+    def _cache_path(self, shard: str, signature: list[int]) -> Path:
+        tag = hashlib.blake2b(json.dumps(signature).encode(), digest_size=6).hexdigest()
+        return self.cache_dir / f"{shard}-{tag}.npy"
+
+    def hashes(self, shard: str) -> np.ndarray:
+        """The int64 caption hashes of a shard's ok captions (read from cache or computed)."""
+        path = self.captions_dir / f"{shard}.parquet"
+        cache = self._cache_path(shard, file_signature(path))
+        if cache.exists():
+            with contextlib.suppress(OSError, ValueError):
+                return np.load(cache)
+        table = pq.read_table(path, columns=["caption", "status"])
+        captions = table.column("caption").to_pylist()
+        statuses = table.column("status").to_pylist()
+        values = np.fromiter(
+            (caption_hash(c) for c, s in zip(captions, statuses, strict=True) if s == "ok"),
+            dtype=np.int64,
+        )
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.cache_dir.glob(f"{shard}-*.npy"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, values)
+        return values
+
+    def build(self, shards: list[str]) -> dict[int, int]:
+        """Hash every shard (cached), count, keep the counts above 1."""
+        for shard in tqdm(shards, desc="caption hashes", unit="shard", leave=False):
+            try:
+                self.shard_hashes[shard] = self.hashes(shard)
+            except (OSError, pa.ArrowInvalid, KeyError) as exc:
+                # The shard itself will fail with a clear message when it is processed.
+                logger.warning("duplicate table: skipping caption shard %s: %s", shard, exc)
+                self.shard_hashes[shard] = np.empty(0, dtype=np.int64)
+        everything = np.concatenate([np.empty(0, np.int64), *self.shard_hashes.values()])
+        unique, counts = np.unique(everything, return_counts=True)
+        repeated = counts > 1
+        self.counts = dict(zip(unique[repeated].tolist(), counts[repeated].tolist(), strict=True))
+        logger.info(
+            "duplicate table: %d captions in %d shard(s), %d distinct captions repeated",
+            everything.size,
+            len(shards),
+            len(self.counts),
+        )
+        return self.counts
+
+    def shard_digest(self, shard: str) -> str:
+        """A digest of the copy counts of one shard's captions: changes iff its decisions may."""
+        values = self.shard_hashes.get(shard, np.empty(0, np.int64))
+        copies = np.array([self.counts.get(int(h), 1) for h in values], dtype=np.int64)
+        return hashlib.blake2b(copies.tobytes(), digest_size=8).hexdigest()
+
+
+# -- CLIP -----------------------------------------------------------------------------------
+def read_shard_images(tar_path: Path, keys: set[str]) -> dict[str, bytes]:
+    """Image bytes of the wanted keys from an img2dataset tar (``{key}.jpg/png/webp``)."""
+    images: dict[str, bytes] = {}
+    with tarfile.open(tar_path, "r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = os.path.basename(member.name).partition(".")
+            if key in keys and ext.lower() in ("jpg", "jpeg", "png", "webp"):
+                fh = tar.extractfile(member)
+                if fh is not None:
+                    images[key] = fh.read()
+    return images
+
+
+class ClipScores:
+    """CLIP scores of synthetic captions and original alt-texts, cached per shard."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.section = config.filter
+        self.cache_dir = config.filtered_dir / "_clip"
+        self._scorer: Any = None
+
+    @property
+    def scorer(self) -> Any:
+        if self._scorer is None:
+            from recaption.demo.models import resolve_model
+            from recaption.models.clip import ClipScorer
+
+            self._scorer = ClipScorer(
+                resolve_model(self.config, self.section.clip_model or ""),
+                device=self.section.clip_device,
+                batch_size=self.section.clip_batch_size,
+                revision=self.section.clip_revision,
+            )
+        return self._scorer
+
+    def cache_path(self, shard: str) -> Path:
+        return self.cache_dir / f"{shard}.parquet"
+
+    def signature(self, shard: str) -> str:
+        parts = [
+            file_signature(self.config.captions_dir / f"{shard}.parquet"),
+            self.section.clip_model,
+            self.section.clip_revision,
+        ]
+        tar = self.config.images_dir / f"{shard}.tar"
+        if tar.exists():
+            parts.append(file_signature(tar))
+        return hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).hexdigest()
+
+    def cached(self, shard: str) -> pa.Table | None:
+        path = self.cache_path(shard)
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowInvalid):
+            return None
+        meta = table.schema.metadata or {}
+        if meta.get(b"signature", b"").decode() != self.signature(shard):
+            return None
+        return table
+
+    def scores(
+        self, shard: str, ledger: ShardLedger | None = None
+    ) -> dict[str, tuple[float, float]]:
+        """key -> (clip_score, clip_score_original) for the shard's ok captions."""
+        table = self.cached(shard)
+        if table is None:
+            table = self._compute(shard, ledger)
+        keys = table.column("key").to_pylist()
+        ours = table.column("clip_score").to_pylist()
+        theirs = table.column("clip_score_original").to_pylist()
+        return dict(zip(keys, zip(ours, theirs, strict=True), strict=True))
+
+    def _compute(self, shard: str, ledger: ShardLedger | None) -> pa.Table:
+        from PIL import Image, UnidentifiedImageError
+
+        captions = read_caption_table(self.config.captions_dir / f"{shard}.parquet", shard)
+        rows = [r for r in captions.to_pylist() if r.get("status") == "ok"]
+        tar_path = self.config.images_dir / f"{shard}.tar"
+        if not tar_path.exists():
+            raise ShardError(
+                f"shard {shard}: image shard {tar_path} is gone, so CLIP scores cannot be "
+                "computed; restore it (rerun `recaption download`) or turn filter.clip_model off"
+            )
+        images = read_shard_images(tar_path, {r["key"] for r in rows})
+        keys, pil, ours, theirs = [], [], [], []
+        for row in rows:
+            data = images.get(row["key"])
+            if data is None:
+                continue
+            try:
+                import io
+
+                image = Image.open(io.BytesIO(data))
+                image.load()
+            except (UnidentifiedImageError, OSError) as exc:
+                logger.warning("shard %s key %s: undecodable image: %s", shard, row["key"], exc)
+                continue
+            keys.append(row["key"])
+            pil.append(image)
+            ours.append(row.get("caption") or "")
+            theirs.append(row.get("original_text") or "")
+        score_ours = np.empty(0, np.float32)
+        score_theirs = np.empty(0, np.float32)
+        chunks_ours, chunks_theirs = [], []
+        step = self.section.clip_batch_size * 4
+        for start in range(0, len(keys), step):
+            if ledger is not None:
+                ledger.check_stop()
+            chunks_ours.append(
+                self.scorer.score(pil[start : start + step], ours[start : start + step])
+            )
+            chunks_theirs.append(
+                self.scorer.score(pil[start : start + step], theirs[start : start + step])
+            )
+        if chunks_ours:
+            score_ours = np.concatenate(chunks_ours)
+            score_theirs = np.concatenate(chunks_theirs)
+        table = pa.table(
+            {
+                "key": pa.array(keys, pa.string()),
+                "clip_score": pa.array(score_ours, pa.float32()),
+                "clip_score_original": pa.array(score_theirs, pa.float32()),
+            }
+        ).replace_schema_metadata({"signature": self.signature(shard)})
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.cache_path(shard)) as tmp:
+            pq.write_table(table, tmp)
+        return table
+
+    def percentile_threshold(
+        self, shards: list[str], ledger: ShardLedger, rank: int, world_size: int
+    ) -> float | None:
+        """Score this rank's shards, wait for the others', return the run-wide percentile."""
+        pending = [s for s in shards if self.cached(s) is None]
+        for shard in tqdm(assign(pending, rank, world_size), desc="clip scores", unit="shard"):
+            try:
+                self._compute(shard, ledger)
+            except ShardError as exc:
+                logger.error("%s", exc)
+        deadline = time.monotonic() + self.section.clip_wait_seconds
+        while True:
+            tables = {s: self.cached(s) for s in shards}
+            missing = [s for s, t in tables.items() if t is None]
+            if not missing or world_size == 1 or time.monotonic() > deadline:
+                break
+            ledger.check_stop()
+            time.sleep(5)
+        if missing:
+            logger.warning(
+                "CLIP percentile computed without shard(s) %s (no scores: image shard missing "
+                "or another rank has not scored them yet)",
+                ", ".join(missing[:10]),
+            )
+        values = [t.column("clip_score").to_numpy() for t in tables.values() if t is not None]
+        values = [v for v in values if v.size]
+        if not values:
+            return None
+        threshold = float(np.percentile(np.concatenate(values), self.section.min_clip_percentile))
+        logger.info(
+            "CLIP threshold: %.3f (percentile %s of the run)",
+            threshold,
+            self.section.min_clip_percentile,
+        )
+        return round(threshold, 4)
+
+
+# -- one shard ------------------------------------------------------------------------------
+def filter_table(
+    table: pa.Table,
+    rules: CaptionRules,
+    *,
+    shard: str = "",
+    clip: dict[str, tuple[float, float]] | None = None,
+    clip_threshold: float | None = None,
+    ledger: ShardLedger | None = None,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Decide every row of a caption table; return the filtered table and the counts."""
+    keys = table.column("key").to_pylist()
+    captions = table.column("caption").to_pylist()
+    statuses = table.column("status").to_pylist()
+    finish = table.column("finish_reason").to_pylist()
+    originals = (
+        table.column("original_text").to_pylist()
+        if "original_text" in table.column_names
+        else [None] * len(keys)
+    )
+    out: dict[str, list[Any]] = {name: [] for name in FILTERED_SCHEMA.names}
+    score_names = list(SCORE_COLUMNS)
+    rejected: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    seen: set[str] = set()
+    n_trimmed = n_rewritten = 0
+    for i, key in enumerate(keys):
+        if ledger is not None and i % 2048 == 0:
+            ledger.check_stop()
+        key = "" if key is None else str(key)
+        scores: dict[str, Any] = {}
+        if key in seen or not key:
+            keep, reason, clean = False, DUPLICATE_KEY if key else "missing_key", ""
+            errors[reason] += 1
+            logger.warning("shard %s: row %d has %s key %r", shard, i, reason, key)
+        elif statuses[i] != "ok":
+            keep, reason, clean = False, CAPTION_ERROR, ""
+            errors[reason] += 1
+        else:
+            caption = captions[i] if isinstance(captions[i], str) else ""
+            sample = CaptionSample(key, caption, finish[i], originals[i])
+            decision = rules.decide(sample)
+            keep, reason, clean, scores = (
+                decision.keep,
+                decision.reason,
+                decision.caption_clean,
+                decision.scores,
+            )
+            if clip is not None:
+                pair = clip.get(key)
+                if pair is not None:
+                    scores["clip_score"], scores["clip_score_original"] = pair
+                if (
+                    keep
+                    and clip_threshold is not None
+                    and (pair is None or pair[0] < clip_threshold)
+                ):
+                    keep, reason = False, CLIP_REASON
+            if keep:
+                n_trimmed += bool(scores.get("trimmed_chars"))
+                n_rewritten += bool(scores.get("boilerplate_opening")) and clean != caption
+            else:
+                rejected[reason or "unknown"] += 1
+        seen.add(key)
+        out["key"].append(key)
+        out["keep"].append(keep)
+        out["reason"].append(reason)
+        out["caption_clean"].append(clean)
+        for name in score_names:
+            out[name].append(scores.get(name))
+    result = pa.table(out, schema=FILTERED_SCHEMA)
+    n_kept = sum(out["keep"])
+    stats = {
+        "n_input": len(keys),
+        "n_kept": n_kept,
+        "n_ok": n_kept,
+        "n_rejected": sum(rejected.values()),
+        "n_failed": sum(errors.values()),
+        "rejected": dict(sorted(rejected.items())),
+        "errors": dict(sorted(errors.items())),
+        "n_trimmed": n_trimmed,
+        "n_boilerplate_rewritten": n_rewritten,
+    }
+    if stats["n_input"] != n_kept + stats["n_rejected"] + stats["n_failed"]:  # pragma: no cover
+        raise AssertionError(f"shard {shard}: counts do not add up: {stats}")
+    return result, stats
+
+
+def _invalidate_changed(ledger: ShardLedger, shards: list[str], inputs: dict[str, Any]) -> None:
+    """Remove the done marker of shards whose recorded inputs differ from the current ones."""
+    for shard in shards:
+        stats = ledger.read_stats(shard)
+        if stats is None or not ledger.is_done(shard):
+            continue
+        if stats.get("inputs") != inputs[shard]:
+            logger.warning(
+                "%s: shard %s: its inputs changed since it was done (%s); redoing it",
+                ledger.stage,
+                shard,
+                ", ".join(
+                    k
+                    for k in inputs[shard]
+                    if (stats.get("inputs") or {}).get(k) != inputs[shard][k]
+                )
+                or "no record",
+            )
+            with contextlib.suppress(FileNotFoundError):
+                ledger.marker_path(shard).unlink()
+
+
+def run(ctx: StageContext) -> StageSummary:
+    """Filter every finished caption shard (see the module docstring)."""
+    config = ctx.config
+    section = config.filter
+    captions_dir = config.captions_dir
+    if not captions_dir.is_dir():
+        raise FileNotFoundError(
+            f"{captions_dir} does not exist: run `recaption caption {config.source or 'CONFIG'}` "
+            "before filtering"
+        )
+    shards = list_shards(captions_dir, STATS_SUFFIX)
+    if not shards:
+        raise FileNotFoundError(
+            f"no finished caption shards in {captions_dir} (no *_stats.json markers): "
+            "run the caption stage first"
+        )
+    if (section.min_clip_score is not None or section.min_clip_percentile is not None) and (
+        section.clip_model is None
+    ):
+        raise ValueError(
+            "filter.min_clip_score / filter.min_clip_percentile need filter.clip_model "
+            "(a CLIP hub id, folder, or demo:tiny-clip)"
+        )
+    if section.min_clip_score is not None and section.min_clip_percentile is not None:
+        raise ValueError("set filter.min_clip_score or filter.min_clip_percentile, not both")
+    ledger = ShardLedger(
+        STAGE, config.stage_dir(STAGE), section.fingerprint_dict(), overwrite=ctx.overwrite
+    )
+    rules = build_rules(section, None)  # validates languages etc. before any work
+    ledger.prepare()
+
+    table = DuplicateTable(captions_dir, config.filtered_dir / "_caption_hashes")
+    counts = table.build(shards) if section.max_duplicate_copies is not None else {}
+    rules = build_rules(section, counts)
+    clip = ClipScores(config) if section.clip_model else None
+    if clip is not None:
+        _ = clip.scorer  # load now: a bad model path is a start-up error
+    clip_threshold = section.min_clip_score
+    if clip is not None and section.min_clip_percentile is not None:
+        clip_threshold = clip.percentile_threshold(shards, ledger, ctx.rank, ctx.world_size)
+
+    inputs = {
+        shard: {
+            "captions": file_signature(captions_dir / f"{shard}.parquet")
+            if (captions_dir / f"{shard}.parquet").exists()
+            else None,
+            "duplicates": table.shard_digest(shard),
+            "clip_threshold": clip_threshold,
+        }
+        for shard in shards
+    }
+    _invalidate_changed(ledger, shards, inputs)
+
+    def process_one_shard(shard: str) -> dict[str, Any]:
+        captions = read_caption_table(captions_dir / f"{shard}.parquet", shard)
+        scores = clip.scores(shard, ledger) if clip is not None else None
+        result, stats = filter_table(
+            captions,
+            rules,
+            shard=shard,
+            clip=scores,
+            clip_threshold=clip_threshold,
+            ledger=ledger,
+        )
+        ledger.check_stop()
+        with atomic_path(ledger.output_path(shard, ".parquet")) as tmp:
+            pq.write_table(result, tmp)
+        stats["inputs"] = inputs[shard]
+        logger.info(
+            "filter shard %s: %d in, %d kept, rejected %s, errors %s",
+            shard,
+            stats["n_input"],
+            stats["n_kept"],
+            stats["rejected"],
+            stats["errors"],
+        )
+        return stats
+
+    return ledger.run(shards, process_one_shard, rank=ctx.rank, world_size=ctx.world_size)
