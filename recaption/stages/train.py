@@ -386,6 +386,8 @@ def run(ctx: StageContext) -> StageSummary:
         check_checkpoint(checkpoints[-1])
 
     accelerator = Accelerator(
+        # Without CUDA, processes started by torchrun / `accelerate launch --multi_gpu` talk gloo.
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=cfg.report_to,
@@ -568,9 +570,10 @@ def run(ctx: StageContext) -> StageSummary:
     try:
         while progress.step < cfg.max_steps:
             # ---- one optimizer step: gradient_accumulation_steps micro-batches ----
+            step_skipped = 0
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
-                progress.samples_skipped += batch["skipped"]
+                step_skipped += batch["skipped"]
                 progress.shard_errors += batch["shard_errors"]
                 with accelerator.accumulate(student):
                     terms = distillation_step(
@@ -603,11 +606,14 @@ def run(ctx: StageContext) -> StageSummary:
             progress.step += 1
             bar.update(1)
 
-            # The stream position of the checkpoint: the furthest sample any process used.
-            # Every process runs these collectives at the same steps.
-            reached = accelerator.gather(torch.tensor([list(position)], device=device)).tolist()
-            epoch, index = max(tuple(r) for r in reached)
+            # The stream position of the checkpoint: the furthest sample any process used;
+            # skipped samples summed over processes. Every process runs these collectives.
+            reached = accelerator.gather(
+                torch.tensor([[*position, step_skipped]], device=device)
+            ).tolist()
+            epoch, index = max((r[0], r[1]) for r in reached)
             progress.epoch, progress.next_index = epoch, index + 1
+            progress.samples_skipped += sum(r[2] for r in reached)
             progress.samples_seen += global_batch
             stop_now = (
                 accelerator.reduce(
