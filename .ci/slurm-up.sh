@@ -9,10 +9,12 @@
 # Environment:
 #   SLURM_UP_TIMEOUT     seconds to wait for the node to become idle (default 90)
 #   SLURM_MAX_ARRAY_SIZE MaxArraySize written into slurm.conf (default 1001, SLURM's own)
+#   SLURM_CRED_EXPIRE    AuthInfo cred_expire: how long a requeued job waits (default 10 s)
 set -euo pipefail
 
 TIMEOUT="${SLURM_UP_TIMEOUT:-90}"
 MAX_ARRAY_SIZE="${SLURM_MAX_ARRAY_SIZE:-1001}"
+CRED_EXPIRE="${SLURM_CRED_EXPIRE:-10}"
 CONF_DIR=/etc/slurm
 CONF="$CONF_DIR/slurm.conf"
 LOG_DIR=/var/log/slurm
@@ -54,6 +56,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CryptoType=crypto/munge
+# A requeued job waits cred_expire seconds before it may start again (SLURM's default: 120).
+AuthInfo=cred_expire=${CRED_EXPIRE}
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -65,7 +69,7 @@ JobCompLoc=${LOG_DIR}/jobcomp.log
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1,sched_min_interval=100000
+SchedulerParameters=bf_interval=1,sched_interval=1
 ReturnToService=2
 JobRequeue=1
 MaxArraySize=${MAX_ARRAY_SIZE}
@@ -90,7 +94,7 @@ if ! cmp -s "$new_conf" "$CONF"; then
 fi
 rm -f "$new_conf"
 
-running() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running() { [[ -f "$1" ]] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 stop_daemon() {  # stop the daemon recorded in pid file $1 (only ours, by pid)
     if running "$1"; then
