@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from recaption.config import RunConfig
-from recaption.ledger import FAILED_SUFFIX, STATS_SUFFIX, atomic_path, list_shards
+from recaption.ledger import FAILED_SUFFIX, LEDGER_DIR, STATS_SUFFIX, atomic_path, list_shards
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,11 @@ def collect_dataset_stats(config: RunConfig, shards: list[str]) -> dict[str, Any
             ["n_input", "n_ok", "n_rejected", "n_failed", "n_images_without_caption"],
         ),
     }
-    stats["failed_shards"] = {
-        stage: list_shards(config.stage_dir(stage), FAILED_SUFFIX)
+    failed = {
+        stage: list_shards(config.stage_dir(stage) / LEDGER_DIR, FAILED_SUFFIX)
         for stage in ("download", "caption", "filter", "merge")
-        if list_shards(config.stage_dir(stage), FAILED_SUFFIX)
     }
+    stats["failed_shards"] = {stage: shards for stage, shards in failed.items() if shards}
     per_shard = []
     for shard in shards:
         f = _read_json(config.filtered_dir / f"{shard}{STATS_SUFFIX}")

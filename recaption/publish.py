@@ -1,8 +1,8 @@
 """Checksums, verification and upload of ``dataset/``.
 
 ``MANIFEST.sha256`` lists one ``sha256  relative/path`` line per published file (the format
-``sha256sum -c`` reads). The merge ledger's own files (``webdataset/*_stats.json``,
-``_config.json``, failure records) and temporaries are bookkeeping, not data: they are neither
+``sha256sum -c`` reads). The merge ledger's own files (``webdataset/*_stats.json``
+and ``webdataset/_ledger/``: config and failure records) and temporaries are bookkeeping, not data: they are neither
 listed nor uploaded.
 
 ``publish_dataset`` uploads with huggingface_hub's ``upload_large_folder`` (resumable, many
@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from recaption.config import RunConfig
-from recaption.ledger import CONFIG_FILE, FAILED_SUFFIX, STATS_SUFFIX, TMP_TAG, atomic_path
+from recaption.ledger import LEDGER_DIR, STATS_SUFFIX, TMP_TAG, atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +27,7 @@ MANIFEST = "MANIFEST.sha256"
 # Paths under dataset/ that are bookkeeping, not data (relative, fnmatch patterns).
 IGNORED = (
     f"webdataset/*{STATS_SUFFIX}",
-    f"webdataset/*{FAILED_SUFFIX}",
-    f"webdataset/{CONFIG_FILE}",
+    f"webdataset/{LEDGER_DIR}/*",
     ".cache/*",
 )
 

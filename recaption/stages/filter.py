@@ -370,8 +370,9 @@ class ClipScores:
         self, shards: list[str], ledger: ShardLedger, rank: int, world_size: int
     ) -> float | None:
         """Score this rank's shards, wait for the others', return the run-wide percentile."""
-        pending = [s for s in shards if self.cached(s) is None]
-        for shard in tqdm(assign(pending, rank, world_size), desc="clip scores", unit="shard"):
+        # Same split as the ledger's (over all shards), so no two ranks score the same shard.
+        mine = [s for s in assign(shards, rank, world_size) if self.cached(s) is None]
+        for shard in tqdm(mine, desc="clip scores", unit="shard"):
             try:
                 self._compute(shard, ledger)
             except ShardError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyarrow as pa
@@ -301,6 +302,24 @@ def write_config(run_dir: Path, **sections: dict[str, Any]) -> Path:
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@pytest.fixture
+def curate() -> SimpleNamespace:
+    """The input builders and hand-made captions above, for tests (conftest is not importable)."""
+    return SimpleNamespace(
+        ADVERSARIAL=ADVERSARIAL,
+        GOOD=GOOD,
+        PROMPT=PROMPT,
+        CAPTION_SCHEMA=CAPTION_SCHEMA,
+        jpeg_bytes=jpeg_bytes,
+        sample=sample,
+        write_image_shard=write_image_shard,
+        write_caption_shard=write_caption_shard,
+        write_shard=write_shard,
+        standard_shards=standard_shards,
+        write_config=write_config,
+    )
 
 
 @pytest.fixture
