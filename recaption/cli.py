@@ -97,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def ensure_run_dir(config: RunConfig) -> None:
+    """Create ``run_dir`` or say why it cannot be used, before any stage starts."""
+    try:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{config.source}: run_dir {str(config.run_dir)!r} cannot be created "
+            f"({exc.strerror}); choose a run_dir you can write to"
+        ) from None
+    if not os.access(config.run_dir, os.W_OK):
+        raise ConfigError(
+            f"{config.source}: run_dir {str(config.run_dir)!r} is not writable; "
+            "choose a run_dir you can write to"
+        )
+
+
 def run_stage(name: str, config: RunConfig, rank: int, world_size: int, overwrite: bool) -> int:
     """Run one stage and turn its summary into an exit status."""
     from recaption.stages import StageContext, stage_runner
@@ -148,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rank, world_size = resolve_rank(args.rank, args.world_size)
         setup_logging(verbosity, rank if world_size > 1 else None)
         config = load_config(args.config, args.overrides)
+        if args.command in (*STAGE_NAMES, "run"):
+            ensure_run_dir(config)
         if args.command in STAGE_NAMES:
             return run_stage(args.command, config, rank, world_size, args.overwrite)
         if args.command == "run":

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recaption.config import fingerprint
+from recaption.config import RunConfig, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class ShardLedger:
             if not self.overwrite:
                 raise ConfigMismatchError(
                     f"{out} holds {self.stage} outputs made with a different config; keys that "
-                    f"differ: {', '.join(f'{self.stage}.{k}' for k in differing) or '?'}. "
+                    f"differ: {', '.join(self._config_key(k) for k in differing) or '?'}. "
                     "Restore the old values to resume, or pass --overwrite to redo the stage "
                     "with the new ones."
                 )
@@ -211,6 +211,11 @@ class ShardLedger:
                 self.records_dir / CONFIG_FILE,
                 {"stage": self.stage, "fingerprint": self.fingerprint, "config": self.stage_config},
             )
+
+    def _config_key(self, key: str) -> str:
+        """``key`` as a dotted config path: stage configs nested by section keep theirs."""
+        sections = set(RunConfig.model_fields)
+        return key if key.split(".")[0] in sections else f"{self.stage}.{key}"
 
     def recorded_config(self) -> dict[str, Any] | None:
         """The ``_ledger/config.json`` of earlier outputs, or None."""

@@ -172,15 +172,6 @@ def run(ctx: StageContext) -> StageSummary:
             "download.distributor and download.processes"
         )
         return summary
-    ledger = ShardLedger(STAGE, config.images_dir, stage_config(config), overwrite=ctx.overwrite)
-    recorded = ledger.recorded_config()
-    if ctx.overwrite and recorded and recorded.get("fingerprint") != ledger.fingerprint:
-        # img2dataset resumes by shard id only, so shards of the old config must go.
-        logger.warning(
-            "download: --overwrite with a changed config: removing %s", config.images_dir
-        )
-        shutil.rmtree(config.images_dir)
-    ledger.prepare()
 
     paths = metadata_paths(config)
     required = required_columns(cfg)
@@ -198,6 +189,16 @@ def run(ctx: StageContext) -> StageSummary:
             f"no rows left after the pre-filter (removed by rule: {report.removed}); relax "
             "download.min_aesthetic_score / max_punsafe / max_pwatermark or check the columns"
         )
+    # The inputs are valid: only now is the output folder touched.
+    ledger = ShardLedger(STAGE, config.images_dir, stage_config(config), overwrite=ctx.overwrite)
+    recorded = ledger.recorded_config()
+    if ctx.overwrite and recorded and recorded.get("fingerprint") != ledger.fingerprint:
+        # img2dataset resumes by shard id only, so shards of the old config must go.
+        logger.warning(
+            "download: --overwrite with a changed config: removing %s", config.images_dir
+        )
+        shutil.rmtree(config.images_dir)
+    ledger.prepare()
     n_shards = math.ceil(report.kept / cfg.samples_per_shard)
     expected = [f"{i:0{SHARD_DIGITS}d}" for i in range(n_shards)]
     done_before = ledger.done_shards()

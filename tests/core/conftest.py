@@ -31,8 +31,20 @@ LENIENT_DOWNLOAD = {
     "samples_per_shard": 20,
     "processes": 1,
     "threads": 8,
-    "timeout": 1,
+    "timeout": 3,
 }
+
+
+@pytest.fixture
+def make_config():
+    """``make_config(path, run_dir, **sections)``: write a demo config with some values changed."""
+    return write_config
+
+
+@pytest.fixture
+def lenient_download() -> dict:
+    """Download settings under which every row of the demo world is attempted."""
+    return dict(LENIENT_DOWNLOAD)
 
 
 @pytest.fixture
