@@ -271,7 +271,8 @@ def make_grid(rows: list[dict[str, Any]], prompts: list[str], seeds: list[int]) 
     models = list(dict.fromkeys(r["model"] for r in rows))
     columns = [(m, s) for m in models for s in seeds]
     by_cell = {(r["model"], r["prompt_index"], r["seed"]): r["image"] for r in rows}
-    cell = min(256, max(im.width for im in by_cell.values()))
+    # Cells between 96 (room for the column labels) and 256 pixels wide.
+    cell = max(96, min(256, max(im.width for im in by_cell.values())))
     cell_h = round(cell * rows[0]["height"] / rows[0]["width"])
     label_w, header_h, pad = 220, 20, 4
     width = label_w + len(columns) * (cell + pad)

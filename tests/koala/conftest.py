@@ -16,7 +16,12 @@ from PIL import Image, ImageDraw
 
 from recaption.config import RunConfig, load_config
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 40),
+}
 SHAPES = ("circle", "square")
 
 
@@ -110,7 +115,9 @@ def make_run(tmp_path: Path, models_dir: Path) -> Callable[..., tuple[RunConfig,
         webdataset_dir.mkdir(parents=True, exist_ok=True)
         for s in range(shards):
             corrupt_keys = (f"{s:03d}00003",) if corrupt and s == 0 else ()
-            write_shard(webdataset_dir / f"{s:05d}.tar", per_shard, seed=s, corrupt_keys=corrupt_keys)
+            write_shard(
+                webdataset_dir / f"{s:05d}.tar", per_shard, seed=s, corrupt_keys=corrupt_keys
+            )
         data = {
             "run_dir": str(run_dir),
             "demo": {"models_dir": str(models_dir)},
