@@ -1,9 +1,9 @@
 """Checksums, verification and upload of ``dataset/``.
 
 ``MANIFEST.sha256`` lists one ``sha256  relative/path`` line per published file (the format
-``sha256sum -c`` reads). The merge ledger's own files (``webdataset/*_stats.json``
-and ``webdataset/_ledger/``: config and failure records) and temporaries are bookkeeping, not data: they are neither
-listed nor uploaded.
+``sha256sum -c`` reads). The merge ledger's own files (``webdataset/*_stats.json`` and
+``webdataset/_ledger/``: config and failure records) and temporaries are bookkeeping, not
+data: they are neither listed nor uploaded.
 
 ``publish_dataset`` uploads with huggingface_hub's ``upload_large_folder`` (resumable, many
 files, commits in chunks); from huggingface_hub 2 on, that function is gone and

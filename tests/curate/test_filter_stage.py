@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pyarrow.parquet as pq
-import pytest
 
 from recaption.cli import main
 from recaption.config import load_config
@@ -115,7 +114,7 @@ def test_startup_errors_touch_nothing(tmp_path, curate, caplog):
 
 
 def test_clip_scores_with_tiny_clip_and_run_percentile(run_inputs, tmp_path, curate):
-    config, shards = run_inputs
+    config, _ = run_inputs
     models = tmp_path / "models"
     cfg = curate.write_config(
         config.run_dir,

@@ -49,9 +49,9 @@ def test_scores_are_recorded_for_kept_captions(rules):
 
 
 def test_tail_repeats_counts_the_loop():
-    words = "a tree and a tree and a tree and a tree".split()
+    words = ["a", "tree", "and", "a", "tree", "and", "a", "tree", "and", "a", "tree"]
     assert tail_repeats(words) == 3  # period 3: "and a tree", three times
-    assert tail_repeats("a red car on a road".split()) == 1
+    assert tail_repeats(["a", "red", "car", "on", "a", "road"]) == 1
     assert tail_repeats([]) == 0
 
 

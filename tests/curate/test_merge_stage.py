@@ -1,0 +1,191 @@
+"""The merge stage: tars and parquet a trainer and a publisher read, card, report, manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tarfile
+
+import pyarrow.parquet as pq
+import webdataset as wds
+import yaml
+
+from recaption.cli import main
+from recaption.config import load_config
+from recaption.publish import verify_dataset
+from recaption.stages import StageContext
+from recaption.stages import filter as filter_stage
+from recaption.stages import merge as merge_stage
+
+TRAINER_FIELDS = {
+    "url",
+    "original_text",
+    "synthetic_caption",
+    "caption_model",
+    "prompt",
+    "width",
+    "height",
+    "aesthetic_score",
+}
+
+
+def _source_images(config, shard):
+    with tarfile.open(config.images_dir / f"{shard}.tar") as tar:
+        return {
+            m.name.split(".")[0]: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")
+        }
+
+
+def _filter_and_merge(config):
+    assert filter_stage.run(StageContext(config)).ok
+    return merge_stage.run(StageContext(config))
+
+
+def test_outputs_are_readable_by_webdataset_and_datasets(run_inputs):
+    config, shards = run_inputs
+    summary = _filter_and_merge(config)
+    assert summary.ok, summary.describe()
+    wds_dir = config.dataset_dir / "webdataset"
+    for shard in shards:
+        rows = pq.read_table(config.dataset_dir / "parquet" / f"{shard}.parquet").to_pylist()
+        filtered = pq.read_table(config.filtered_dir / f"{shard}.parquet").to_pylist()
+        kept = {r["key"]: r["caption_clean"] for r in filtered if r["keep"]}
+        samples = list(wds.WebDataset(str(wds_dir / f"{shard}.tar"), shardshuffle=False))
+        assert len(samples) == len(rows) == len(kept) > 0
+        source = _source_images(config, shard)
+        for sample, row in zip(samples, rows, strict=True):
+            key = sample["__key__"]
+            assert key == row["key"] and key in kept
+            assert sample["jpg"] == source[key]  # original bytes, never re-encoded
+            assert row["image_sha256"] == hashlib.sha256(source[key]).hexdigest()
+            assert sample["txt"].decode() == kept[key] == row["synthetic_caption"]
+            meta = json.loads(sample["json"])
+            assert set(meta) >= TRAINER_FIELDS
+            assert meta["original_text"] == f"alt text of {key}"
+            assert meta["aesthetic_score"] == 6.5 and meta["width"] == 40
+        marker = json.loads((wds_dir / f"{shard}_stats.json").read_text())
+        assert marker["n_input"] == marker["n_ok"] + marker["n_rejected"] + marker["n_failed"]
+        assert marker["n_input"] == len(shards[shard])
+
+    import datasets
+
+    ds = datasets.load_dataset(
+        "parquet", data_dir=str(config.dataset_dir / "parquet"), split="train"
+    )
+    assert ds.num_rows == sum(
+        json.loads((wds_dir / f"{s}_stats.json").read_text())["n_ok"] for s in shards
+    )
+    assert {"url", "synthetic_caption", "original_text", "image_sha256"} <= set(ds.column_names)
+
+    # Every sample of the decoded pipeline a trainer would use.
+    pairs = list(
+        wds.WebDataset([str(p) for p in sorted(wds_dir.glob("*.tar"))], shardshuffle=False)
+        .decode("pil")
+        .to_tuple("jpg", "txt")
+    )
+    assert len(pairs) == ds.num_rows and pairs[0][0].size == (40, 32)
+
+
+def test_card_stats_report_and_manifest(run_inputs):
+    config, shards = run_inputs
+    _filter_and_merge(config)
+    ds_dir = config.dataset_dir
+    stats = json.loads((ds_dir / "stats.json").read_text())
+    f = stats["filter"]
+    n_captions = sum(len(s) for s in shards.values())
+    assert f["n_input"] == n_captions == f["n_kept"] + f["n_rejected"] + f["n_failed"]
+    assert f["rejected"]["duplicate"] == 5 and f["errors"] == {"caption_error": 1}
+    assert stats["merge"]["n_ok"] == stats["n_samples"] == f["n_kept"]
+    for row in stats["per_shard"]:
+        assert row["captions"] == row["kept"] + sum(row["rejected"].values()) + sum(
+            row["errors"].values()
+        )
+    lengths = stats["caption_length_words"]
+    assert lengths["original"]["count"] == lengths["synthetic"]["count"] == stats["n_samples"]
+    assert lengths["synthetic"]["mean"] > lengths["original"]["mean"]
+
+    card = (ds_dir / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["configs"][0]["data_files"][0]["path"] == "parquet/*.parquet"
+    assert meta["license"] == "other"
+    assert meta["dataset_info"]["splits"][0]["num_examples"] == stats["n_samples"]
+    assert "llava-hf/llava-1.5-7b-hf" in card and "Describe this image in detail" in card
+    assert "| duplicate | 5 |" in card and "| filter | 2 |" in card
+
+    report = ds_dir / "report"
+    for name in ("caption_lengths.png", "rejections.png", "examples.png"):
+        assert (report / name).stat().st_size > 1000
+    html = (report / "index.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and 'class="bad"' not in html
+    assert "<td>00001</td>" in html
+
+    manifest = (ds_dir / "MANIFEST.sha256").read_text()
+    assert "webdataset/00000.tar" in manifest and "README.md" in manifest
+    assert "_stats.json" not in manifest and "_ledger" not in manifest
+    assert verify_dataset(config) == []
+
+    # One flipped byte in a tar: verify names the file, the CLI exits 1.
+    tar_path = ds_dir / "webdataset" / "00001.tar"
+    data = bytearray(tar_path.read_bytes())
+    data[700] ^= 0xFF
+    tar_path.write_bytes(bytes(data))
+    problems = verify_dataset(config)
+    assert len(problems) == 1 and "00001.tar" in problems[0] and "checksum mismatch" in problems[0]
+    assert main(["verify", str(config.source)]) == 1
+    (ds_dir / "extra.txt").write_text("x")
+    assert any("extra.txt: not listed" in p for p in verify_dataset(config))
+
+
+def test_embedded_images_load_as_images(run_inputs, curate):
+    config, _ = run_inputs
+    config = load_config(
+        curate.write_config(config.run_dir, merge={"embed_images_in_parquet": True})
+    )
+    assert _filter_and_merge(config).ok
+    import datasets
+
+    ds = datasets.load_dataset(
+        "parquet", data_dir=str(config.dataset_dir / "parquet"), split="train"
+    )
+    first = ds[0]
+    source = _source_images(config, first["key"][:5])
+    assert first["image"].size == (40, 32)
+    assert hashlib.sha256(source[first["key"]]).hexdigest() == first["image_sha256"]
+
+
+def test_mismatched_keys_and_missing_image_shard(tmp_path, curate, caplog):
+    run_dir = tmp_path / "run"
+    good = [curate.sample(f"k{i}", curate.GOOD[i] + f" Number {i}.") for i in range(4)]
+    # kept caption whose image is absent from the tar; image with no caption row
+    samples = [*good, curate.sample("noimage", curate.GOOD[4], image=False)]
+    samples.append(curate.sample("nocaption", curate.GOOD[5], in_captions=False))
+    curate.write_shard(run_dir, "00000", samples)
+    curate.write_shard(run_dir, "00001", good[:2])
+    config = load_config(curate.write_config(run_dir))
+    assert filter_stage.run(StageContext(config)).ok
+    (config.images_dir / "00001.tar").unlink()
+    summary = merge_stage.run(StageContext(config))
+    assert list(summary.shards_failed) == ["00001"]
+    assert "00001.tar is gone" in summary.shards_failed["00001"]
+    stats = json.loads((config.dataset_dir / "webdataset" / "00000_stats.json").read_text())
+    assert stats["n_input"] == 5 and stats["n_ok"] == 4
+    assert stats["failed"] == {"missing_image": 1} and stats["n_images_without_caption"] == 1
+    assert "no image in" in caplog.text
+    # The dataset is incomplete: no card, no manifest, and the summary says why.
+    assert not (config.dataset_dir / "README.md").exists()
+    assert any("not written yet" in m for m in summary.messages)
+
+
+def test_publish_dry_run_lists_files_and_card_without_the_token(run_inputs, monkeypatch, caplog):
+    config, _ = run_inputs
+    _filter_and_merge(config)
+    monkeypatch.setenv("HF_TOKEN", "hf_secretTOKEN123")
+    caplog.set_level(logging.INFO)
+    code = main(["publish", str(config.source), "--repo-id", "org/name", "--dry-run"])
+    assert code == 0
+    assert "webdataset/00000.tar" in caplog.text and "parquet/00001.parquet" in caplog.text
+    assert "pretty_name: recaption dataset" in caplog.text
+    assert "hf_secretTOKEN123" not in caplog.text
+    assert main(["publish", str(config.source), "--repo-id", "no-slash", "--dry-run"]) == 2
