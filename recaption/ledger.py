@@ -27,6 +27,7 @@ a flag; the ledger stops at the next shard boundary, and a stage may call
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -148,7 +149,10 @@ class ShardLedger:
     """Resume bookkeeping for one stage's output folder.
 
     ``stage_config`` is the JSON-able config that decides the stage's outputs; its
-    fingerprint is stored with every done marker.
+    fingerprint is stored with every done marker. With ``upstream_dir`` (the previous stage's
+    marker folder), each marker also stores a digest of the input shard's marker, and a shard
+    whose input was redone since (a new upstream marker) counts as not done: stale outputs
+    are never mistaken for finished ones.
     """
 
     def __init__(
@@ -158,8 +162,10 @@ class ShardLedger:
         stage_config: dict[str, Any],
         *,
         overwrite: bool = False,
+        upstream_dir: Path | None = None,
     ) -> None:
         self.stage = stage
+        self.upstream_dir = Path(upstream_dir) if upstream_dir is not None else None
         self.output_dir = Path(output_dir)
         self.stage_config = stage_config
         self.fingerprint = fingerprint(stage_config)
@@ -250,10 +256,22 @@ class ShardLedger:
         except (OSError, json.JSONDecodeError):
             return None
 
+    def upstream_digest(self, shard: str) -> str | None:
+        """A digest of the input shard's done marker (None without ``upstream_dir``)."""
+        if self.upstream_dir is None:
+            return None
+        try:
+            data = (self.upstream_dir / f"{shard}{STATS_SUFFIX}").read_bytes()
+        except OSError:
+            return "missing"
+        return hashlib.sha256(data).hexdigest()[:16]
+
     def is_done(self, shard: str) -> bool:
-        """A shard is done when its marker exists and was made with the current config."""
+        """Done: the marker exists, with the current config, over the current input shard."""
         stats = self.read_stats(shard)
-        return stats is not None and stats.get("fingerprint", self.fingerprint) == self.fingerprint
+        if stats is None or stats.get("fingerprint", self.fingerprint) != self.fingerprint:
+            return False
+        return self.upstream_dir is None or stats.get("upstream") == self.upstream_digest(shard)
 
     def done_shards(self) -> list[str]:
         return [s for s in list_shards(self.output_dir, STATS_SUFFIX) if self.is_done(s)]
@@ -273,6 +291,8 @@ class ShardLedger:
     def mark_done(self, shard: str, stats: dict[str, Any]) -> dict[str, Any]:
         """Write the done marker (last step of a shard) and clear any failure record."""
         stats = {**stats, "shard": shard, "stage": self.stage, "fingerprint": self.fingerprint}
+        if self.upstream_dir is not None:
+            stats["upstream"] = self.upstream_digest(shard)
         write_json_atomic(self.marker_path(shard), stats)
         with contextlib.suppress(FileNotFoundError):
             self.failed_path(shard).unlink()

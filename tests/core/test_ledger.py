@@ -147,3 +147,21 @@ def test_rank_resolution_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_rank(2, 4) == (2, 4)
     with pytest.raises(ValueError, match="outside world size"):
         resolve_rank(4, 4)
+
+
+def test_shard_redone_when_its_input_was_redone(tmp_path: Path) -> None:
+    upstream = ShardLedger("caption", tmp_path / "captions", {"m": 1})
+    upstream.prepare()
+    upstream.run(SHARDS[:2], _writer(upstream, []))
+    downstream = ShardLedger(
+        "filter", tmp_path / "filtered", {"f": 1}, upstream_dir=tmp_path / "captions"
+    )
+    downstream.prepare()
+    downstream.run(SHARDS[:2], _writer(downstream, []))
+    assert downstream.done_shards() == SHARDS[:2]
+    # The caption shard 00001 is redone (say, after a failed image was retried).
+    upstream.marker_path(SHARDS[1]).unlink()
+    upstream.run(SHARDS[:2], lambda s: {"n_ok": 3, "n_failed": 0, "n_input": 3})
+    seen: list[str] = []
+    downstream.run(SHARDS[:2], _writer(downstream, seen))
+    assert seen == [SHARDS[1]]
