@@ -59,6 +59,10 @@ def collect_status(config: RunConfig) -> dict[str, Any]:
             "samples_failed": bad,
             "seconds": round(seconds, 2),
             "samples_per_second": round((ok + bad) / seconds, 2) if seconds else None,
+            # Shard-seconds left at the pace of the finished shards, for one worker.
+            "eta_seconds": round(len(pending) * seconds / len(done), 1)
+            if done and pending and seconds
+            else None,
         }
         upstream = done
     train_state = config.koala_dir / "train_state.json"
@@ -83,10 +87,11 @@ def format_status(report: dict[str, Any]) -> str:
     for stage in SHARDED_STAGES:
         s = report["stages"][stage]
         rate = f"{s['samples_per_second']:.1f}" if s["samples_per_second"] else "-"
+        eta = f"  ETA {s['eta_seconds'] / 60:.1f} min/worker" if s["eta_seconds"] else ""
         lines.append(
             f"{stage:<10}{s['shards_done']:>6}{s['shards_failed']:>8}"
             f"{s['shards_pending']:>9}{s['samples_ok']:>9}{s['samples_failed']:>9}"
-            f"{rate:>11}"
+            f"{rate:>11}{eta}"
         )
         for shard, error in s["failed"].items():
             lines.append(f"    failed {stage} shard {shard}: {error}")
