@@ -315,8 +315,9 @@ def render_card(config: RunConfig, stats: dict[str, Any]) -> str:
         "",
         _table(["reason", "captions"], rejected or [["(none)", 0]]),
         "",
-        "Errors (not decided): " + (", ".join(f"{r}: {n}" for r, n in errors) or "none") + ".",
-        f" Kept captions that were cut back to their last full sentence: {f.get('n_trimmed', 0)};"
+        "Errors (not decided): "
+        + (", ".join(f"{r}: {n}" for r, n in errors) or "none")
+        + f". Kept captions cut back to their last full sentence: {f.get('n_trimmed', 0)};"
         f" boilerplate openings rewritten: {f.get('n_boilerplate_rewritten', 0)}.",
         "",
         "### Filter settings",

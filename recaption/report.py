@@ -172,7 +172,7 @@ def plot_examples(examples: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     cols = min(4, len(examples))
     rows = (len(examples) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 5.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 5.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, ex in zip(axes.flat, examples, strict=False):
@@ -196,9 +196,8 @@ def plot_examples(examples: list[dict[str, Any]], path: Path) -> Path | None:
             fontsize=8,
             va="top",
         )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.tight_layout()
+    # Room under each image for six lines of caption, above the next row's title.
+    fig.subplots_adjust(hspace=0.75, wspace=0.15)
     return _save(fig, path)
 
 

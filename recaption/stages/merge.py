@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
-import os
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -99,6 +96,84 @@ def _first(meta: dict[str, Any], *names: str) -> Any:
     return None
 
 
+BLOCK = 512
+
+
+class TarFormatError(ValueError):
+    """A tar header that does not parse, or data that ends early."""
+
+
+def _octal(field: bytes) -> int:
+    text = field.rstrip(b"\0 ").strip()
+    if field[:1] == b"\x80":  # GNU base-256 for sizes over 8 GB
+        return int.from_bytes(field[1:], "big")
+    return int(text, 8) if text else 0
+
+
+def _read_exact(fh: BinaryIO, n: int) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise TarFormatError(f"unexpected end of file ({len(data)} of {n} bytes)")
+    return data
+
+
+def iter_tar_files(fh: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(name, data)`` for each regular file of an uncompressed tar, in order.
+
+    A small reader for the ustar/PAX/GNU tars img2dataset and webdataset write: a header
+    block, the data, padding to 512 bytes. ``tarfile`` does the same with far more per-member
+    work (it dominates on shards of small images); the checksum of every header is still
+    verified, and a file cut anywhere before its end-of-archive blocks raises
+    :class:`TarFormatError`.
+    """
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        header = fh.read(BLOCK)
+        if len(header) < BLOCK:
+            # Writers end a tar with zero blocks; a file that stops before them was cut.
+            raise TarFormatError("the file ends before the end-of-archive marker (truncated)")
+        if header == b"\0" * BLOCK:
+            return
+        stored = _octal(header[148:156])
+        actual = sum(header) - sum(header[148:156]) + 8 * 32
+        if stored != actual:
+            raise TarFormatError(f"bad header checksum at offset {fh.tell() - BLOCK}")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        data = _read_exact(fh, size)
+        if size % BLOCK:
+            _read_exact(fh, BLOCK - size % BLOCK)
+        if kind == b"x":  # PAX extended header for the next member
+            pax = _parse_pax(data)
+            continue
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if kind not in (b"0", b"\0", b"7"):
+            long_name, pax = None, {}
+            continue  # folders, links, global headers
+        name = header[0:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
+        prefix = header[345:500].rstrip(b"\0")
+        if header[257:262] == b"ustar" and prefix:
+            name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        name = pax.get("path") or long_name or name
+        long_name, pax = None, {}
+        yield name, data
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos : pos + 1] != b"\0":
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
 def iter_tar_samples(path: Path, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {extension: bytes})`` for each sample of a webdataset tar, in order.
 
@@ -108,35 +183,67 @@ def iter_tar_samples(path: Path, shard: str) -> Iterator[tuple[str, dict[str, by
     current: str | None = None
     files: dict[str, bytes] = {}
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                key, dot, ext = base.partition(".")
+        with open(path, "rb", buffering=1 << 20) as fh:
+            for name, data in iter_tar_files(fh):
+                key, dot, ext = name.rpartition("/")[2].partition(".")
                 if not dot:
                     continue
                 if key != current:
                     if current is not None:
                         yield current, files
                     current, files = key, {}
-                fh = tar.extractfile(member)
-                files[ext.lower()] = fh.read() if fh is not None else b""
-    except (tarfile.TarError, EOFError, OSError) as exc:
+                files[ext.lower()] = data
+    except (TarFormatError, ValueError, OSError) as exc:
         raise ShardError(
-            f"image shard {shard}: {path} is unreadable after {current!r} ({exc}); "
+            f"image shard {shard}: {path} is unreadable after sample {current!r} ({exc}); "
             "rerun `recaption download` for this shard"
         ) from exc
     if current is not None:
         yield current, files
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = mtime
-    info.mode = 0o444
-    tar.addfile(info, io.BytesIO(data))
+class TarSink:
+    """Writes regular files to a tar (ustar headers, PAX for long names), for webdataset."""
+
+    def __init__(self, fh: BinaryIO, mtime: float) -> None:
+        self.fh = fh
+        self.mtime = int(mtime)
+
+    def _header(self, name: bytes, size: int, kind: bytes) -> bytes:
+        header = bytearray(BLOCK)
+        header[0 : len(name)] = name
+        header[100:108] = b"0000444\0"
+        header[108:116] = b"0000000\0"
+        header[116:124] = b"0000000\0"
+        header[124:136] = b"%011o\0" % size
+        header[136:148] = b"%011o\0" % self.mtime
+        header[148:156] = b" " * 8
+        header[156:157] = kind
+        header[257:265] = b"ustar\x0000"
+        header[148:156] = b"%06o\0 " % sum(header)
+        return bytes(header)
+
+    def _write(self, header: bytes, data: bytes) -> None:
+        self.fh.write(header)
+        self.fh.write(data)
+        if len(data) % BLOCK:
+            self.fh.write(b"\0" * (BLOCK - len(data) % BLOCK))
+
+    def add(self, name: str, data: bytes) -> None:
+        encoded = name.encode("utf-8")
+        if len(encoded) > 100 or not name.isascii():
+            record = b" path=" + encoded + b"\n"
+            digits = len(str(len(record)))
+            length = len(record) + digits
+            if len(str(length)) != digits:
+                length += 1
+            pax = str(length).encode() + record
+            self._write(self._header(b"././@PaxHeader", len(pax), b"x"), pax)
+            encoded = encoded[:100]
+        self._write(self._header(encoded, len(data), b"0"), data)
+
+    def close(self) -> None:
+        self.fh.write(b"\0" * (2 * BLOCK))
 
 
 def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None) -> dict[str, Any]:
@@ -177,7 +284,8 @@ def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None
     out_parquet = parquet_dir(config) / f"{shard}.parquet"
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_tar) as tmp_tar:
-        with tarfile.open(tmp_tar, "w", format=tarfile.GNU_FORMAT) as tar:
+        with open(tmp_tar, "wb", buffering=1 << 20) as fh:
+            tar = TarSink(fh, mtime)
             for n, (key, files) in enumerate(iter_tar_samples(images, shard)):
                 if ledger is not None and n % 512 == 0:
                     ledger.check_stop()
@@ -223,18 +331,17 @@ def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None
                 sample_json = {k: v for k, v in row.items() if v is not None}
                 sample_json["caption_revision"] = caption.get("revision")
                 sample_json["sha256"] = row["image_sha256"]
-                _add(tar, f"{key}.{ext}", image, mtime)
-                _add(tar, f"{key}.txt", decision["caption_clean"].encode("utf-8"), mtime)
-                _add(
-                    tar,
+                tar.add(f"{key}.{ext}", image)
+                tar.add(f"{key}.txt", decision["caption_clean"].encode("utf-8"))
+                tar.add(
                     f"{key}.json",
                     json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode("utf-8"),
-                    mtime,
                 )
                 written.add(key)
                 rows.append(row)
                 if section.embed_images_in_parquet:
                     images_bytes.append(image)
+            tar.close()
         # Kept keys not written and not counted above have no sample in the image tar.
         n_missing = len(kept - written) - sum(failed.values())
         if n_missing:

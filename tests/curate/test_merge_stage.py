@@ -189,3 +189,26 @@ def test_publish_dry_run_lists_files_and_card_without_the_token(run_inputs, monk
     assert "pretty_name: recaption dataset" in caplog.text
     assert "hf_secretTOKEN123" not in caplog.text
     assert main(["publish", str(config.source), "--repo-id", "no-slash", "--dry-run"]) == 2
+
+
+def test_tar_reader_and_writer_match_tarfile(tmp_path):
+    """The merge stage's own tar IO against the standard library, long and non-ASCII names."""
+    from recaption.stages.merge import TarSink, iter_tar_files
+
+    files = [
+        ("k1.jpg", b"\xff\xd8" + bytes(range(256)) * 3),
+        ("k1.txt", "ünïcode caption 🐶".encode()),
+        ("ключ.json", b"{}"),
+        ("x" * 150 + ".jpg", b"y" * 512),
+        ("empty.txt", b""),
+    ]
+    path = tmp_path / "t.tar"
+    with open(path, "wb") as fh:
+        sink = TarSink(fh, 1_700_000_000)
+        for name, data in files:
+            sink.add(name, data)
+        sink.close()
+    with tarfile.open(path) as tar:
+        assert [(m.name, tar.extractfile(m).read()) for m in tar] == files
+    with open(path, "rb") as fh:
+        assert list(iter_tar_files(fh)) == files
