@@ -15,6 +15,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from recaption.config import RunConfig, load_config
+from recaption.stages import StageContext
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -70,6 +71,14 @@ def write_shard(path: Path, n: int, seed: int, corrupt_keys: tuple[str, ...] = (
             )
             keys.append(key)
     return keys
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -137,3 +146,27 @@ def make_run(tmp_path: Path, models_dir: Path) -> Callable[..., tuple[RunConfig,
         return load_config(path), path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> RunConfig:
+    """One short distillation on two shards (one corrupt JPEG among them), 16 steps."""
+    tmp = tmp_path_factory.mktemp("trained")
+    webdataset_dir = tmp / "run" / "dataset" / "webdataset"
+    webdataset_dir.mkdir(parents=True)
+    write_shard(webdataset_dir / "00000.tar", 12, seed=0, corrupt_keys=("00000003",))
+    write_shard(webdataset_dir / "00001.tar", 12, seed=1)
+    (webdataset_dir / "00000_stats.json").write_text("{}")  # merge's marker: not a shard
+    data = {
+        "run_dir": str(tmp / "run"),
+        "demo": {"models_dir": str(models_dir)},
+        "train": {**TRAIN_DEFAULTS, "max_steps": 16, "checkpointing_steps": 8},
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    from recaption.stages import train as train_stage
+
+    summary = train_stage.run(StageContext(config))
+    assert summary.ok, summary.describe()
+    return config

@@ -1,0 +1,262 @@
+"""Train and sample stages end to end on tiny models: distillation, resume, export, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from recaption.cli import main as cli_main
+from recaption.config import RunConfig, load_config
+from recaption.ledger import ConfigMismatchError
+from recaption.stages import StageContext
+from recaption.stages import sample as sample_stage
+from recaption.stages import train as train_stage
+
+REPO = Path(__file__).resolve().parents[2]
+MakeRun = Callable[..., tuple[RunConfig, Path]]
+
+
+def read_log(config: RunConfig) -> list[dict]:
+    path = config.koala_dir / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def read_state(config: RunConfig) -> dict:
+    return json.loads((config.koala_dir / "train_state.json").read_text())
+
+
+def test_distillation_lowers_the_loss_and_reports_each_term(trained: RunConfig) -> None:
+    log = read_log(trained)
+    assert [r["step"] for r in log] == list(range(1, 17))
+    for record in log:
+        for term in ("loss", "loss_task", "loss_out_kd", "loss_feat_kd", "lr", "images_per_second"):
+            assert record[term] == record[term] and record[term] >= 0, (term, record)
+    first = sum(r["loss"] for r in log[:4]) / 4
+    last = sum(r["loss"] for r in log[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+    # The feature term is what the student starts worst at and learns fastest.
+    assert sum(r["loss_feat_kd"] for r in log[-4:]) < sum(r["loss_feat_kd"] for r in log[:4])
+    state = read_state(trained)
+    assert state["step"] == state["max_steps"] == 16
+    assert state["status"] == "finished"
+    assert state["samples_skipped"] >= 1  # the corrupt JPEG, skipped and counted
+    assert state["loss"] == pytest.approx(log[-1]["loss"])
+
+
+def test_output_folder_is_a_complete_sdxl_pipeline(trained: RunConfig) -> None:
+    folder = trained.koala_dir / "pipeline"
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    assert "unet/diffusion_pytorch_model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
+    assert "README.md" in files
+    # The model card's own snippet.
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16
+    assert pipe.unet.config.layers_per_block == 1
+    assert pipe.unet.config.mid_block_type is None
+    assert list(pipe.unet.config.transformer_layers_per_block) == [1, 2, 5]
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        prompt="a red circle",
+        negative_prompt="worst quality, low quality, illustration, low resolution",
+        height=48,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert images[0].size == (64, 48)
+
+
+def test_finished_training_is_not_redone(trained: RunConfig) -> None:
+    before = (trained.koala_dir / "pipeline" / "model_index.json").stat().st_mtime_ns
+    summary = train_stage.run(StageContext(trained))
+    assert summary.ok and summary.shards_done_before == 2
+    assert (trained.koala_dir / "pipeline" / "model_index.json").stat().st_mtime_ns == before
+
+
+def test_changed_config_is_refused_without_overwrite(trained: RunConfig) -> None:
+    changed = trained.model_copy(deep=True)
+    changed.train.feature_kd_weight = 0.5
+    with pytest.raises(ConfigMismatchError, match=r"train\.feature_kd_weight"):
+        train_stage.run(StageContext(changed))
+
+
+def test_sample_stage_writes_grid_parquet_and_teacher_side_by_side(
+    trained: RunConfig, tmp_path: Path
+) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from recaption.models.sdxl import build_tiny_clip_tokenizer
+
+    clip_dir = tmp_path / "clip"
+    tokenizer = build_tiny_clip_tokenizer()
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+            },
+            vision_config={
+                "image_size": 32,
+                "patch_size": 8,
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            },
+            projection_dim=8,
+        )
+    )
+    clip.save_pretrained(clip_dir)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(clip_dir)
+
+    config = trained.model_copy(deep=True)
+    config.sample.prompts = ["a red circle", "a blue square on a green background"]
+    config.sample.seeds = [0, 7]
+    config.sample.height, config.sample.width = 64, 64
+    config.sample.num_inference_steps = 2
+    config.sample.batch_size = 4
+    config.sample.with_teacher = True
+    config.sample.clip_model = str(clip_dir)
+    summary = sample_stage.run(StageContext(config))
+    assert summary.ok, summary.describe()
+    samples = config.samples_dir
+    table = pq.read_table(samples / "samples.parquet").to_pylist()
+    assert len(table) == 2 * 2 * 2  # prompts x seeds x (koala, teacher)
+    assert {r["model"] for r in table} == {"koala", "teacher"}
+    assert {(r["prompt"], r["seed"]) for r in table if r["model"] == "koala"} == {
+        (p, s) for p in config.sample.prompts for s in (0, 7)
+    }
+    for row in table:
+        assert row["steps"] == 2 and row["guidance"] == 7.5 and row["seconds"] > 0
+        assert 0 <= row["clip_score"] <= 100
+        with Image.open(samples / row["file"]) as image:
+            assert image.size == (64, 64)
+    with Image.open(samples / "grid.png") as grid:
+        assert grid.width > 4 * 64 and grid.height > 2 * 64
+    # Same prompt and seed, same image: sampling is reproducible.
+    koala_0 = next(r for r in table if r["model"] == "koala" and r["seed"] == 0)
+    first = Image.open(samples / koala_0["file"]).tobytes()
+    summary = sample_stage.run(StageContext(config, overwrite=True))
+    assert summary.shards_done_before == 1  # nothing changed: not sampled again
+    assert Image.open(samples / koala_0["file"]).tobytes() == first
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 150) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"training exited early ({proc.returncode}):\n{proc.stdout.read()}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.2)
+
+
+def test_kill_then_resume_continues_the_step_counter_also_on_two_processes(
+    make_run: MakeRun,
+) -> None:
+    config, path = make_run(train={"max_steps": 400, "checkpointing_steps": 2})
+    # One thread per process: the two DDP workers share a small CPU.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "recaption", "train", str(path)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    _wait_for(config.koala_dir / "checkpoints" / "checkpoint-00000004", proc)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    killed_at = max(
+        int(p.name.split("-")[1]) for p in (config.koala_dir / "checkpoints").glob("checkpoint-*")
+    )
+    assert killed_at >= 4
+
+    # Resume with one process: starts at the last checkpoint's step, not at 0.
+    resumed = load_config(path, [f"train.max_steps={killed_at + 2}"])
+    summary = train_stage.run(StageContext(resumed))
+    assert summary.ok
+    steps = [r["step"] for r in read_log(resumed)]
+    assert steps[-2:] == [killed_at + 1, killed_at + 2]
+    assert read_state(resumed)["step"] == killed_at + 2
+
+    # SIGTERM on two DDP processes (gloo): checkpoint at the current step, exit 3.
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "-m", "recaption", "train", str(path), "train.max_steps=400",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    _wait_for(config.koala_dir / "checkpoints" / f"checkpoint-{killed_at + 4:08d}", proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    assert "2 process(es)" in out
+    assert out.count("stopped early by a signal") == 2, out  # each rank exits 3
+    state = read_state(resumed)
+    assert state["status"] == "interrupted"
+    stopped_at = state["step"]
+    assert stopped_at >= killed_at + 4
+    assert (config.koala_dir / "checkpoints" / f"checkpoint-{stopped_at:08d}").is_dir()
+    assert len(list((config.koala_dir / "checkpoints").glob("checkpoint-*"))) <= 3
+
+
+def test_bad_input_is_refused_at_start_up_with_nothing_written(
+    make_run: MakeRun, tmp_path: Path
+) -> None:
+    config, path = make_run(shards=1, per_shard=4)
+    # resolution not divisible by the VAE factor
+    bad = load_config(path, ["train.resolution=60"])
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        train_stage.run(StageContext(bad))
+    # teacher folder missing / not SDXL-shaped
+    bad = load_config(path, [f"train.teacher={tmp_path / 'nowhere'}"])
+    with pytest.raises(FileNotFoundError, match=r"no model_index\.json"):
+        train_stage.run(StageContext(bad))
+    sd = tmp_path / "sd15"
+    sd.mkdir()
+    (sd / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionPipeline", "unet": [], "vae": []})
+    )
+    with pytest.raises(ValueError, match=r"not an SDXL pipeline.*text_encoder_2"):
+        train_stage.run(StageContext(load_config(path, [f"train.teacher={sd}"])))
+    # unknown preset: exit 2 from the command line, naming the key
+    assert cli_main(["train", str(path), "train.preset=koala-300m"]) == 2
+    # a corrupt checkpoint folder on resume
+    broken = config.koala_dir / "checkpoints" / "checkpoint-00000005"
+    broken.mkdir(parents=True)
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="checkpoint-00000005 is incomplete or corrupt"):
+        train_stage.run(StageContext(config))
+    assert cli_main(["train", str(path)]) == 2
+    assert not (config.koala_dir / "train_state.json").exists()
+    assert not (config.koala_dir / "pipeline").exists()
+    # no shards at all
+    for tar in (config.run_dir / "dataset" / "webdataset").glob("*.tar"):
+        tar.unlink()
+    with pytest.raises(FileNotFoundError, match="no training shards"):
+        train_stage.run(StageContext(config))
+    # sampling before training
+    with pytest.raises(FileNotFoundError, match="run `recaption train CONFIG` first"):
+        sample_stage.run(StageContext(config))
