@@ -48,6 +48,10 @@ class Verdict:
     caption: str | None = None  # the cleaned caption, when the rule rewrote it
 
 
+# The verdict of a rule that keeps a caption as it is and records nothing (never mutated).
+KEEP = Verdict(True)
+
+
 class CaptionRule:
     """Base class: ``apply`` returns a :class:`Verdict`; ``name`` is the rejection reason."""
 
@@ -102,7 +106,7 @@ class EmptyCaptionFilter(CaptionRule):
     def apply(self, caption: str, sample: CaptionSample) -> Verdict:
         if not caption or _WORD.search(caption) is None:
             return self.reject()
-        return Verdict(True)
+        return KEEP
 
 
 class RepetitionFilter(CaptionRule):
@@ -240,13 +244,13 @@ class RefusalFilter(CaptionRule):
 
     def apply(self, caption: str, sample: CaptionSample) -> Verdict:
         if self.pattern is None:
-            return Verdict(True)
+            return KEEP
         text = caption.lower()
         if "’" in text:
             text = text.replace("’", "'")
         if self.pattern.search(text):
             return self.reject()
-        return Verdict(True)
+        return KEEP
 
 
 DEFAULT_BOILERPLATE_OPENINGS: tuple[str, ...] = (
@@ -410,7 +414,7 @@ class LanguageFilter(CaptionRule):
     def apply(self, caption: str, sample: CaptionSample) -> Verdict:
         if self._english_fast_path and caption.isascii():
             words = caption.lower().split()
-            hits = sum(1 for w in words if w in _ENGLISH_MARKERS)
+            hits = sum(map(_ENGLISH_MARKERS.__contains__, words))
             if hits >= 2 and hits >= self.fast_path_fraction * len(words):
                 return Verdict(True, scores={"language": "en", "language_confidence": None})
         best = self.detector.compute_language_confidence_values(caption)

@@ -413,8 +413,14 @@ def filter_table(
     clip: dict[str, tuple[float, float]] | None = None,
     clip_threshold: float | None = None,
     ledger: ShardLedger | None = None,
+    caption_hashes: np.ndarray | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """Decide every row of a caption table; return the filtered table and the counts."""
+    """Decide every row of a caption table; return the filtered table and the counts.
+
+    ``caption_hashes``, when given, are the :func:`caption_hash` values of the rows whose
+    status is ``ok``, in order (as :class:`DuplicateTable` computed them), so they are not
+    computed twice.
+    """
     keys = table.column("key").to_pylist()
     captions = table.column("caption").to_pylist()
     statuses = table.column("status").to_pylist()
@@ -424,8 +430,12 @@ def filter_table(
         if "original_text" in table.column_names
         else [None] * len(keys)
     )
-    out: dict[str, list[Any]] = {name: [] for name in FILTERED_SCHEMA.names}
-    score_names = list(SCORE_COLUMNS)
+    out_keep: list[bool] = []
+    out_reason: list[str | None] = []
+    out_clean: list[str] = []
+    out_scores: list[dict[str, Any]] = []
+    hashes = caption_hashes.tolist() if caption_hashes is not None else None
+    n_ok_rows = 0
     rejected: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     seen: set[str] = set()
@@ -435,6 +445,11 @@ def filter_table(
             ledger.check_stop()
         key = "" if key is None else str(key)
         scores: dict[str, Any] = {}
+        digest = None
+        if statuses[i] == "ok":
+            if hashes is not None and n_ok_rows < len(hashes):
+                digest = hashes[n_ok_rows]
+            n_ok_rows += 1
         if key in seen or not key:
             keep, reason, clean = False, DUPLICATE_KEY if key else "missing_key", ""
             errors[reason] += 1
@@ -444,7 +459,7 @@ def filter_table(
             errors[reason] += 1
         else:
             caption = captions[i] if isinstance(captions[i], str) else ""
-            sample = CaptionSample(key, caption, finish[i], originals[i])
+            sample = CaptionSample(key, caption, finish[i], originals[i], digest)
             decision = rules.decide(sample)
             keep, reason, clean, scores = (
                 decision.keep,
@@ -468,14 +483,20 @@ def filter_table(
             else:
                 rejected[reason or "unknown"] += 1
         seen.add(key)
-        out["key"].append(key)
-        out["keep"].append(keep)
-        out["reason"].append(reason)
-        out["caption_clean"].append(clean)
-        for name in score_names:
-            out[name].append(scores.get(name))
-    result = pa.table(out, schema=FILTERED_SCHEMA)
-    n_kept = sum(out["keep"])
+        out_keep.append(keep)
+        out_reason.append(reason)
+        out_clean.append(clean)
+        out_scores.append(scores)
+    columns: dict[str, list[Any]] = {
+        "key": [k if isinstance(k, str) else str(k or "") for k in keys],
+        "keep": out_keep,
+        "reason": out_reason,
+        "caption_clean": out_clean,
+    }
+    for name in SCORE_COLUMNS:
+        columns[name] = [s.get(name) for s in out_scores]
+    result = pa.table(columns, schema=FILTERED_SCHEMA)
+    n_kept = sum(out_keep)
     stats = {
         "n_input": len(keys),
         "n_kept": n_kept,
@@ -577,6 +598,7 @@ def run(ctx: StageContext) -> StageSummary:
             clip=scores,
             clip_threshold=clip_threshold,
             ledger=ledger,
+            caption_hashes=table.shard_hashes.get(shard),
         )
         ledger.check_stop()
         with atomic_path(ledger.output_path(shard, ".parquet")) as tmp:
