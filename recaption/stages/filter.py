@@ -513,7 +513,9 @@ def filter_table(
     return result, stats
 
 
-def _invalidate_changed(ledger: ShardLedger, shards: list[str], inputs: dict[str, Any]) -> None:
+def invalidate_changed_shards(
+    ledger: ShardLedger, shards: list[str], inputs: dict[str, Any]
+) -> None:
     """Remove the done marker of shards whose recorded inputs differ from the current ones."""
     for shard in shards:
         stats = ledger.read_stats(shard)
@@ -586,7 +588,7 @@ def run(ctx: StageContext) -> StageSummary:
         }
         for shard in shards
     }
-    _invalidate_changed(ledger, shards, inputs)
+    invalidate_changed_shards(ledger, shards, inputs)
 
     def process_one_shard(shard: str) -> dict[str, Any]:
         captions = read_caption_table(captions_dir / f"{shard}.parquet", shard)

@@ -422,7 +422,7 @@ def shard_inputs(config: RunConfig, shard: str) -> dict[str, Any]:
 
 def run(ctx: StageContext) -> StageSummary:
     """Merge every filtered shard, then write the card, stats, report and manifest."""
-    from recaption.stages.filter import _invalidate_changed
+    from recaption.stages.filter import invalidate_changed_shards
 
     config = ctx.config
     filtered_dir = config.filtered_dir
@@ -443,7 +443,7 @@ def run(ctx: StageContext) -> StageSummary:
     ledger.prepare()
     parquet_dir(config).mkdir(parents=True, exist_ok=True)
     inputs = {shard: shard_inputs(config, shard) for shard in shards}
-    _invalidate_changed(ledger, shards, inputs)
+    invalidate_changed_shards(ledger, shards, inputs)
 
     def process_one_shard(shard: str) -> dict[str, Any]:
         for stale in parquet_dir(config).glob(f".{shard}.parquet*"):

@@ -212,3 +212,18 @@ def test_tar_reader_and_writer_match_tarfile(tmp_path):
         assert [(m.name, tar.extractfile(m).read()) for m in tar] == files
     with open(path, "rb") as fh:
         assert list(iter_tar_files(fh)) == files
+
+
+def test_two_ranks_the_last_one_to_finish_writes_the_card(run_inputs):
+    config, _ = run_inputs
+    assert filter_stage.run(StageContext(config)).ok
+    first = merge_stage.run(StageContext(config, rank=0, world_size=2))
+    assert first.shards_ok == ["00000"]
+    assert not (config.dataset_dir / "README.md").exists()
+    assert any("not written yet" in m for m in first.messages)
+    last = merge_stage.run(StageContext(config, rank=1, world_size=2))
+    assert last.shards_ok == ["00001"]
+    assert (config.dataset_dir / "README.md").exists()
+    assert verify_dataset(config) == []
+    stats = json.loads((config.dataset_dir / "stats.json").read_text())
+    assert [row["shard"] for row in stats["per_shard"]] == ["00000", "00001"]
