@@ -377,7 +377,8 @@ class LanguageFilter(CaptionRule):
     lingua (lingua-language-detector, models inside the wheel) is restricted to a few
     candidate languages, which makes it both faster and more accurate on short text. Plain
     ASCII captions in which English function words make up at least ``fast_path_fraction``
-    of the words are taken as English without asking lingua (most LLaVA captions), as
+    of the words, with at least three different ones, are taken as English without asking
+    lingua (most LLaVA captions), as
     CCNet/fastText pipelines skip the model for obvious cases; the score
     ``language_confidence`` is then empty.
     """
@@ -415,7 +416,10 @@ class LanguageFilter(CaptionRule):
         if self._english_fast_path and caption.isascii():
             words = caption.lower().split()
             hits = sum(map(_ENGLISH_MARKERS.__contains__, words))
-            if hits >= 2 and hits >= self.fast_path_fraction * len(words):
+            # Three different markers: one shared word ("is" in Dutch) is not enough.
+            if hits >= self.fast_path_fraction * len(words) and (
+                len(_ENGLISH_MARKERS.intersection(words)) >= 3
+            ):
                 return Verdict(True, scores={"language": "en", "language_confidence": None})
         best = self.detector.compute_language_confidence_values(caption)
         if not best:

@@ -143,6 +143,13 @@ ADVERSARIAL: list[tuple[str | None, str, bool, str | None, str | None]] = [
         None,
     ),
     (
+        "De kat is zwart en de hond is bruin en ze liggen samen op de bank bij het raam.",
+        "stop",
+        False,
+        "language",
+        None,
+    ),
+    (
         "صورة لقطة سوداء تجلس على كرسي خشبي بالقرب من النافذة المفتوحة في الصباح",
         "stop",
         False,
