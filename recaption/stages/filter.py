@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -327,8 +328,6 @@ class ClipScores:
             if data is None:
                 continue
             try:
-                import io
-
                 image = Image.open(io.BytesIO(data))
                 image.load()
             except (UnidentifiedImageError, OSError) as exc:
