@@ -34,6 +34,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -246,6 +247,10 @@ class TarSink:
         self.fh.write(b"\0" * (2 * BLOCK))
 
 
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None) -> dict[str, Any]:
     """Write one shard's webdataset tar and parquet table; return its counts."""
     section = config.merge
@@ -286,61 +291,80 @@ def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None
     with atomic_path(out_tar) as tmp_tar:
         with open(tmp_tar, "wb", buffering=1 << 20) as fh:
             tar = TarSink(fh, mtime)
-            for n, (key, files) in enumerate(iter_tar_samples(images, shard)):
-                if ledger is not None and n % 512 == 0:
-                    ledger.check_stop()
-                if key not in decisions:
-                    n_without_caption += 1
-                    continue
-                if key not in kept or key in written:
-                    continue
-                ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
-                if ext is None or not files[ext]:
-                    failed["empty_image" if ext else "no_image_in_sample"] += 1
-                    logger.warning("shard %s key %s: no image bytes in %s", shard, key, images)
-                    continue
-                try:
-                    meta = json.loads(files.get("json", b"{}") or b"{}")
-                except json.JSONDecodeError:
-                    meta = {}
-                decision, caption = decisions[key], caption_rows[key]
-                image = files[ext]
-                row = {
-                    "key": key,
-                    "url": _first(meta, "url"),
-                    "image_sha256": hashlib.sha256(image).hexdigest(),
-                    "image_format": "jpg" if ext == "jpeg" else ext,
-                    "original_text": _first(caption, "original_text")
-                    or _first(meta, "caption")
-                    or files.get("txt", b"").decode("utf-8", "replace"),
-                    "synthetic_caption": decision["caption_clean"],
-                    "synthetic_caption_raw": caption.get("caption"),
-                    "caption_model": caption.get("model"),
-                    "prompt": caption.get("prompt"),
-                    "finish_reason": caption.get("finish_reason"),
-                    "width": _first(meta, "width", "WIDTH"),
-                    "height": _first(meta, "height", "HEIGHT"),
-                    "original_width": _first(meta, "original_width", "WIDTH"),
-                    "original_height": _first(meta, "original_height", "HEIGHT"),
-                    "aesthetic_score": _first(meta, "AESTHETIC_SCORE", "aesthetic_score"),
-                    "similarity": _first(meta, "similarity"),
-                    "punsafe": _first(meta, "punsafe"),
-                    "pwatermark": _first(meta, "pwatermark"),
-                    **{name: decision.get(name) for name in SCORE_COLUMNS},
-                }
+            # Each image is hashed in a thread (hashlib releases the GIL) while the next sample
+            # is read and parsed; a sample is written once its hash is ready, one sample later.
+            pending: tuple[dict[str, Any], str, bytes, str | None, Future[str]] | None = None
+
+            def write_sample(
+                item: tuple[dict[str, Any], str, bytes, str | None, Future[str]],
+            ) -> None:
+                row, ext, image, revision, digest = item
+                row["image_sha256"] = digest.result()
                 sample_json = {k: v for k, v in row.items() if v is not None}
-                sample_json["caption_revision"] = caption.get("revision")
+                sample_json["caption_revision"] = revision
                 sample_json["sha256"] = row["image_sha256"]
+                key = row["key"]
                 tar.add(f"{key}.{ext}", image)
-                tar.add(f"{key}.txt", decision["caption_clean"].encode("utf-8"))
+                tar.add(f"{key}.txt", row["synthetic_caption"].encode("utf-8"))
                 tar.add(
                     f"{key}.json",
                     json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode("utf-8"),
                 )
-                written.add(key)
                 rows.append(row)
                 if section.embed_images_in_parquet:
                     images_bytes.append(image)
+
+            with ThreadPoolExecutor(max_workers=1) as hasher:
+                samples = iter_tar_samples(images, shard)
+                for n, (key, files) in enumerate(samples):
+                    if ledger is not None and n % 512 == 0:
+                        ledger.check_stop()
+                    if key not in decisions:
+                        n_without_caption += 1
+                        continue
+                    if key not in kept or key in written:
+                        continue
+                    ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+                    if ext is None or not files[ext]:
+                        failed["empty_image" if ext else "no_image_in_sample"] += 1
+                        logger.warning("shard %s key %s: no image bytes in %s", shard, key, images)
+                        continue
+                    try:
+                        meta = json.loads(files.get("json", b"{}") or b"{}")
+                    except json.JSONDecodeError:
+                        meta = {}
+                    decision, caption = decisions[key], caption_rows[key]
+                    image = files[ext]
+                    row = {
+                        "key": key,
+                        "url": _first(meta, "url"),
+                        "image_sha256": None,  # set when the hash is ready
+                        "image_format": "jpg" if ext == "jpeg" else ext,
+                        "original_text": _first(caption, "original_text")
+                        or _first(meta, "caption")
+                        or files.get("txt", b"").decode("utf-8", "replace"),
+                        "synthetic_caption": decision["caption_clean"],
+                        "synthetic_caption_raw": caption.get("caption"),
+                        "caption_model": caption.get("model"),
+                        "prompt": caption.get("prompt"),
+                        "finish_reason": caption.get("finish_reason"),
+                        "width": _first(meta, "width", "WIDTH"),
+                        "height": _first(meta, "height", "HEIGHT"),
+                        "original_width": _first(meta, "original_width", "WIDTH"),
+                        "original_height": _first(meta, "original_height", "HEIGHT"),
+                        "aesthetic_score": _first(meta, "AESTHETIC_SCORE", "aesthetic_score"),
+                        "similarity": _first(meta, "similarity"),
+                        "punsafe": _first(meta, "punsafe"),
+                        "pwatermark": _first(meta, "pwatermark"),
+                        **{name: decision.get(name) for name in SCORE_COLUMNS},
+                    }
+                    written.add(key)
+                    digest = hasher.submit(_sha256_hex, image)
+                    if pending is not None:
+                        write_sample(pending)
+                    pending = (row, ext, image, caption.get("revision"), digest)
+                if pending is not None:
+                    write_sample(pending)
             tar.close()
         # Kept keys not written and not counted above have no sample in the image tar.
         n_missing = len(kept - written) - sum(failed.values())
