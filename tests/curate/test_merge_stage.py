@@ -8,6 +8,7 @@ import logging
 import tarfile
 
 import pyarrow.parquet as pq
+import pytest
 import webdataset as wds
 import yaml
 
@@ -227,3 +228,41 @@ def test_two_ranks_the_last_one_to_finish_writes_the_card(run_inputs):
     assert verify_dataset(config) == []
     stats = json.loads((config.dataset_dir / "stats.json").read_text())
     assert [row["shard"] for row in stats["per_shard"]] == ["00000", "00001"]
+
+
+def test_publish_uploads_exactly_the_manifest_files(run_inputs, monkeypatch):
+    """The hub is unreachable here: a recording stand-in for HfApi checks what would be sent."""
+    import huggingface_hub
+
+    from recaption.publish import dataset_files, publish_dataset
+
+    config, _ = run_inputs
+    _filter_and_merge(config)
+    calls = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw["repo_id"], kw))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    publish_dataset(config, "org/name", private=True)
+    (create, repo, create_kw), (upload, _, upload_kw) = calls
+    assert (create, repo, create_kw["repo_type"], create_kw["private"]) == (
+        "create_repo",
+        "org/name",
+        "dataset",
+        True,
+    )
+    assert upload == "upload_folder" and upload_kw["repo_type"] == "dataset"
+    sent = set(upload_kw["allow_patterns"])
+    assert sent == {"MANIFEST.sha256", *dataset_files(config.dataset_dir)}
+    assert not any("_stats.json" in p or "_ledger" in p for p in sent)
+    # A dataset that no longer matches its manifest is not published.
+    (config.dataset_dir / "README.md").write_text("edited")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="README.md"):
+        publish_dataset(config, "org/name")
+    assert calls == []
