@@ -263,6 +263,6 @@ def test_publish_uploads_exactly_the_manifest_files(run_inputs, monkeypatch):
     # A dataset that no longer matches its manifest is not published.
     (config.dataset_dir / "README.md").write_text("edited")
     calls.clear()
-    with pytest.raises(RuntimeError, match="README.md"):
+    with pytest.raises(RuntimeError, match=r"README\.md"):
         publish_dataset(config, "org/name")
     assert calls == []
