@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
@@ -90,17 +91,20 @@ def bench_filter(n: int) -> None:
     ):
         rules = build_rules(section, counts)
         filter_table(table.slice(0, 2000), rules)  # warm up lingua's models
-        t0 = time.perf_counter()
-        _, stats = filter_table(table, rules)
-        seconds = time.perf_counter() - t0
-        results[label] = (n / seconds, stats)
-    print(f"filter rules, {n} captions, one core (one Python process):")
-    for label, (rate, stats) in results.items():
-        print(f"  {label:<32} {rate:>10,.0f} captions/s   kept {stats['n_kept']}/{n}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        _, stats = filter_table(table, rules, caption_hashes=np.array(hashes))
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        results[label] = (n / seconds, n / cpu, stats)
+    print(f"filter rules, {n} captions, one Python process (wall clock; CPU time of that core):")
+    for label, (rate, cpu_rate, stats) in results.items():
+        print(
+            f"  {label:<32} {rate:>10,.0f} captions/s  ({cpu_rate:,.0f}/CPU-s)"
+            f"   kept {stats['n_kept']}/{n}"
+        )
     print(f"  {'duplicate hash pass':<32} {n / hash_s:>10,.0f} captions/s")
-    both = 1 / (1 / results["all rules (lingua included)"][0] + hash_s / n)
+    both = 1 / (1 / results["all rules (lingua included)"][0] + hash_s / n)  # wall clock
     print(f"  {'stage total (hash + rules)':<32} {both:>10,.0f} captions/s   goal >= 100,000")
-    print(f"  rejected: {json.dumps(results['all rules (lingua included)'][1]['rejected'])}")
+    print(f"  rejected: {json.dumps(results['all rules (lingua included)'][2]['rejected'])}")
 
 
 def bench_merge(n: int, image_kb: int, workdir: Path) -> None:
