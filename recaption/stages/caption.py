@@ -202,6 +202,7 @@ class ShardBatches(IterableDataset):
         self.min_side = section.min_image_side
         self.max_pixels = section.max_image_pixels
         self.max_alt_chars = section.max_alt_text_chars
+        self.draft_size = decode_size(processor)
         self._prompt_cache: dict[str, str] = {}
 
     def _chat_prompt(self, instruction: str) -> str:
@@ -235,7 +236,12 @@ class ShardBatches(IterableDataset):
             else:
                 try:
                     images.append(
-                        decode_image(data, min_side=self.min_side, max_pixels=self.max_pixels)
+                        decode_image(
+                            data,
+                            min_side=self.min_side,
+                            max_pixels=self.max_pixels,
+                            draft_size=self.draft_size,
+                        )
                     )
                     good.append(len(items))
                 except ImageDecodeError as exc:
@@ -299,6 +305,29 @@ class ShardBatches(IterableDataset):
                 "delete it with its _stats.json and rerun the download for this shard"
             )
             yield PreparedBatch(-1, [], [], None, shard_error=message)
+
+
+def _size_field(size: Any, key: str) -> int:
+    """A field of an image processor's size (a dict, or transformers' ``SizeDict``), or 0."""
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value or 0)
+
+
+def decode_size(processor: Any) -> int | None:
+    """The fewest pixels per side the model's image processor can use (None: unknown).
+
+    LLaVA-1.5 resizes the shortest edge to 336, then crops 336; LLaVA-NeXT tiles up to its
+    largest grid pinpoint, so it needs that many.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
+    if pinpoints:
+        return max(max(p) for p in pinpoints)
+    size = getattr(image_processor, "size", None)
+    crop = getattr(image_processor, "crop_size", None)
+    sides = [_size_field(size, k) for k in ("shortest_edge", "height", "width")]
+    sides += [_size_field(crop, k) for k in ("height", "width")]
+    return max(sides) or None
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -456,8 +485,16 @@ class ShardCaptioner:
             dynamic_ncols=True,
             mininterval=1.0,
         )
+        waiting = 0.0  # time the model sat idle for want of decoded images
+        batches = None
         try:
-            for batch in loader:
+            batches = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                waiting += time.perf_counter() - t0
+                if batch is None:
+                    break
                 self.ledger.check_stop()
                 if batch.shard_error:
                     raise ShardError(batch.shard_error)
@@ -467,6 +504,7 @@ class ShardCaptioner:
                 progress.update(len(batch_rows))
         finally:
             progress.close()
+            batches = None  # shuts the DataLoader workers down now, not at some later GC
             del loader
         if torch.cuda.is_available() and self.captioner.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -500,6 +538,7 @@ class ShardCaptioner:
             "n_finish_length": sum(row["finish_reason"] == "length" for row in rows),
             "n_new_tokens": n_new_tokens,
             "seconds": round(seconds, 3),
+            "seconds_waiting_for_images": round(waiting, 3),
             "images_per_s": round(len(rows) / seconds, 3) if seconds > 0 else None,
             "new_tokens_per_s": round(n_new_tokens / seconds, 3) if seconds > 0 else None,
             "errors": errors,

@@ -137,7 +137,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("demo_models")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_config(models_dir: Path) -> Callable[..., Path]:
     """Write a run config for ``run_dir`` with caption overrides; returns the YAML path."""
 
@@ -184,13 +184,13 @@ def cli_env() -> dict[str, str]:
 PYTHON = sys.executable
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shard_writer() -> Callable[..., Path]:
     """``write_shard(images_dir, shard, samples, done=True)``: an img2dataset-layout shard."""
     return write_shard
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def samples() -> Callable[[int, int], list[Sample]]:
     """``samples(shard, n)``: ordinary drawn-image samples."""
     return good_samples
@@ -212,13 +212,13 @@ def read_captions(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def captions_of() -> Callable[[Path], dict[str, list[dict[str, Any]]]]:
     """``captions_of(run_dir)``: shard id -> caption rows of every finished shard."""
     return read_captions
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def caption_stage() -> Callable[..., Any]:
     """``caption_stage(config_path, *overrides, rank=0, world_size=1)``: run the stage here."""
 

@@ -1,0 +1,139 @@
+"""Crash-resume and multi-process runs of ``recaption caption`` give single-run outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SHARDS = {"00000": 6, "00001": 6, "00002": 6, "00003": 5}
+SETTINGS = {"batch_size": 3, "max_new_tokens": 8, "num_workers": 1}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", NO_ALBUMENTATIONS_UPDATE="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID"):
+        env.pop(name, None)
+    return env
+
+
+def _cli(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "recaption", "caption", str(config), *args]
+
+
+@pytest.fixture(scope="module")
+def make_run(tmp_path_factory, shard_writer, samples, make_config):
+    """``make_run(name)``: a run folder with the same four shards and config every time."""
+
+    def make(name: str) -> tuple[Path, Path]:
+        run_dir = tmp_path_factory.mktemp(name)
+        for i, (shard, n) in enumerate(SHARDS.items()):
+            shard_writer(run_dir / "images", shard, samples(10 + i, n))
+        return run_dir, make_config(run_dir, **SETTINGS)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(make_run, caption_stage, captions_of):
+    """Captions of one uninterrupted single-process run."""
+    run_dir, config = make_run("reference")
+    assert caption_stage(config).ok
+    captions = captions_of(run_dir)
+    assert sorted(captions) == sorted(SHARDS)
+    return captions
+
+
+def _stats(run_dir: Path, shard: str) -> dict:
+    return json.loads((run_dir / "captions" / f"{shard}_stats.json").read_text())
+
+
+def test_sigkill_mid_shard_then_rerun_equals_an_uninterrupted_run(
+    make_run, reference, captions_of
+) -> None:
+    run_dir, config = make_run("killed")
+    first_marker = run_dir / "captions" / "00000_stats.json"
+    proc = subprocess.Popen(
+        _cli(config, "-q"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # so the kill reaches its DataLoader worker too
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not first_marker.exists():
+            assert proc.poll() is None, "the run ended before its first shard was done"
+            assert time.monotonic() < deadline, "no shard finished within 120 s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the second shard is under way
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = sorted(captions_of(run_dir))
+    assert done[0] == "00000" and "00001" not in done, done
+
+    rerun = subprocess.run(_cli(config, "-q"), env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    after = captions_of(run_dir)
+    assert after == reference
+    for shard, rows in after.items():
+        keys = [r["key"] for r in rows]
+        assert len(keys) == len(set(keys)) == SHARDS[shard]
+    leftovers = [p.name for p in (run_dir / "captions").iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_two_ranks_by_option_together_equal_one_process(
+    make_run, reference, captions_of
+) -> None:
+    run_dir, config = make_run("ranks")
+    procs = [
+        subprocess.Popen(
+            _cli(config, "-q", "--rank", str(rank), "--world-size", "2"),
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    assert captions_of(run_dir) == reference
+    for i, shard in enumerate(sorted(SHARDS)):
+        stats = _stats(run_dir, shard)
+        assert (stats["rank"], stats["world_size"]) == (i % 2, 2)
+
+
+def test_torchrun_two_cpu_processes_equal_one_process(make_run, reference, captions_of) -> None:
+    run_dir, config = make_run("torchrun")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",  # the `torchrun` console script
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "recaption",
+        "caption",
+        str(config),
+        "-q",
+    ]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert captions_of(run_dir) == reference
+    ranks = [_stats(run_dir, shard)["rank"] for shard in sorted(SHARDS)]
+    assert ranks == [0, 1, 0, 1]
+    assert all(_stats(run_dir, s)["world_size"] == 2 for s in SHARDS)
