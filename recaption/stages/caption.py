@@ -8,7 +8,14 @@ batches, and writes ``run_dir/captions/{shard}.parquet`` with one row per input 
 ``key, caption, original_text, model, revision, prompt, n_prompt_tokens, n_new_tokens,
 finish_reason ("stop" | "length"), status ("ok" | "error"), error``
 
-then the shard's stats JSON (counts, images/s, new tokens/s, seconds) as its done marker.
+then the shard's stats JSON (counts, images/s, new tokens/s, seconds, and the seconds the
+model sat waiting for decoded images) as its done marker. ``prompt`` is the instruction given
+(with the alt-text filled in for a custom template); ``n_prompt_tokens`` counts the prompt as
+the language model sees it, image tokens included; ``n_new_tokens`` counts generated tokens,
+the end token included; ``finish_reason`` is "length" when ``max_new_tokens`` cut the caption.
+
+Awkward but valid images (grayscale, palette, RGBA, 16-bit, CMYK) are converted to RGB and
+captioned like any other (see :mod:`recaption.images`).
 
 A bad image (corrupt, empty, a decompression bomb, a side of 1 pixel, no image member) becomes
 an ``error`` row and the rest of its batch is captioned as usual. A truncated or unreadable tar
