@@ -257,6 +257,7 @@ class TrainConfig(Section):
             "checkpoints_total_limit",
             "log_every",
             "report_to",
+            "cpu_threads",
         }
     )
 
@@ -305,13 +306,16 @@ class TrainConfig(Section):
     num_workers: int = Field(4, ge=0, description="DataLoader workers per process.")
     log_every: int = Field(10, gt=0)
     report_to: Literal["tensorboard"] | None = None
+    cpu_threads: int | None = Field(
+        None, gt=0, description="torch threads per process when training on CPU; null: torch's."
+    )
     seed: int = 0
 
 
 class SampleConfig(Section):
     """Sampling the trained student (and optionally the teacher), KOALA's published defaults."""
 
-    operational_keys: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+    operational_keys: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "cpu_threads"})
 
     model: str | None = Field(
         None, description="Pipeline to sample: hub id or folder; default run_dir/koala/pipeline."
@@ -335,6 +339,9 @@ class SampleConfig(Section):
         "auto", description="auto: float16 on CUDA, float32 on CPU."
     )
     device: str | None = Field(None, description="Default: cuda:$LOCAL_RANK if CUDA, else cpu.")
+    cpu_threads: int | None = Field(
+        None, gt=0, description="torch threads when sampling on CPU; null: torch's default."
+    )
     with_teacher: bool = Field(
         False, description="Also sample train.teacher with the same prompts and seeds."
     )

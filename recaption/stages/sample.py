@@ -163,6 +163,8 @@ def sample_all(
 
     cfg = config.sample
     dtype, device = _dtype_and_device(cfg)
+    if cfg.cpu_threads and device == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)
     jobs = [(p, prompt, seed) for p, prompt in enumerate(prompts) for seed in cfg.seeds]
     rows: list[dict[str, Any]] = []
     for name, spec in models.items():

@@ -418,6 +418,8 @@ def run(ctx: StageContext) -> StageSummary:
     accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
+    if cfg.cpu_threads and device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)
 
     # -- teacher: frozen, in teacher_dtype; its VAE, text encoders, tokenizers are reused -----
     teacher_dtype = _TORCH_DTYPES[cfg.teacher_dtype]
