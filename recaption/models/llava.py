@@ -282,6 +282,13 @@ def check_checkpoint(model: str, revision: str | None, trust_remote_code: bool) 
             "that AutoModelForImageTextToText can load; use a LLaVA checkpoint such as "
             "llava-hf/llava-1.5-7b-hf"
         )
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        pickled = sorted(p.name for p in local.glob("*.bin")) or ["no weight files"]
+        raise RuntimeError(
+            f"caption.model {model!r} has no .safetensors weights ({', '.join(pickled)}); only "
+            "safetensors are loaded, since pickled weights can run code. Convert with "
+            "model.save_pretrained(folder) from a trusted environment"
+        )
     return config
 
 

@@ -26,6 +26,7 @@ group is needed because ranks share nothing but the ledger.
 
 from __future__ import annotations
 
+import json
 import logging
 import tarfile
 import time
@@ -113,9 +114,14 @@ class RawSample:
         return None
 
     def alt_text(self) -> str:
+        """The original alt-text: the ``.txt`` member, else the ``caption`` in the ``.json``."""
         if "txt" in self.members:
             return self.members["txt"].decode("utf-8", errors="replace")
-        return ""
+        try:
+            caption = json.loads(self.members.get("json", b"{}")).get("caption")
+        except (ValueError, AttributeError):
+            caption = None
+        return caption if isinstance(caption, str) else ""
 
 
 def split_member_name(name: str) -> tuple[str, str]:

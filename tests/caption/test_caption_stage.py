@@ -50,6 +50,7 @@ def test_demo_shards_get_one_caption_row_per_sample(
         assert stats["n_input"] == len(rows) and stats["n_ok"] == len(rows)
         assert stats["n_failed"] == 0
         assert stats["images_per_s"] > 0 and stats["new_tokens_per_s"] > 0
+        assert 0 <= stats["seconds_waiting_for_images"] <= stats["seconds"]
         assert stats["n_new_tokens"] == sum(r["n_new_tokens"] for r in rows)
 
     again = caption_stage(config)
@@ -220,3 +221,32 @@ def test_finish_reason_and_token_counts() -> None:
     assert finish_tokens([5, 6, 2, 0, 0], eos) == ([5, 6], 3, "stop")
     assert finish_tokens([5, 6, 7], eos) == ([5, 6, 7], 3, "length")
     assert finish_tokens([2, 0], eos) == ([], 1, "stop")
+
+
+def test_pickled_weights_are_refused(demo_run, make_config, caption_stage, models_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    caption_stage(make_config(demo_run))  # builds the tiny model into models_dir
+    pickled = tmp_path / "pickled-llava"
+    shutil.copytree(models_dir / "tiny-llava-1.5", pickled)
+    weights = load_file(pickled / "model.safetensors")
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    other = tmp_path / "other"
+    shutil.copytree(demo_run / "images", other / "images")
+    with pytest.raises(RuntimeError, match=r"no \.safetensors weights"):
+        caption_stage(make_config(other), f"caption.model={pickled}")
+    assert not (other / "captions").exists()  # stopped before any shard was touched
+
+
+def test_original_text_falls_back_to_the_json_caption() -> None:
+    from recaption.stages.caption import RawSample
+
+    assert RawSample("k", {"txt": b"from txt", "json": b'{"caption": "x"}'}).alt_text() == (
+        "from txt"
+    )
+    assert RawSample("k", {"json": b'{"caption": "from json"}'}).alt_text() == "from json"
+    assert RawSample("k", {"json": b"not json"}).alt_text() == ""

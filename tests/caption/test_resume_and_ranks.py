@@ -93,9 +93,7 @@ def test_sigkill_mid_shard_then_rerun_equals_an_uninterrupted_run(
     assert leftovers == []
 
 
-def test_two_ranks_by_option_together_equal_one_process(
-    make_run, reference, captions_of
-) -> None:
+def test_two_ranks_by_option_together_equal_one_process(make_run, reference, captions_of) -> None:
     run_dir, config = make_run("ranks")
     procs = [
         subprocess.Popen(
