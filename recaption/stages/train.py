@@ -9,6 +9,10 @@ frozen teacher parts (VAE, both text encoders), add noise, run teacher and stude
 (KOALA's task + output + self-attention feature distillation), backward, clip, step, EMA, log,
 checkpoint. accelerate supplies mixed precision, gradient accumulation, DDP across GPUs and
 nodes (``accelerate launch -m recaption train CONFIG``) and ``save_state``/``load_state``.
+Without CUDA the processes use gloo; note that ``accelerate launch --num_processes 2`` starts a
+single process on a CPU-only machine, so there use ``accelerate launch --multi_gpu
+--num_processes 2 -m recaption train CONFIG`` or ``torchrun --nproc_per_node 2 -m recaption
+train CONFIG``.
 
 Data is streamed from ``run_dir/dataset/webdataset/*.tar``. Every epoch is one deterministic
 stream of samples (seeded shard order and shuffle buffer); sample ``i`` of the stream belongs
@@ -291,6 +295,14 @@ class TrainingSamples(torch.utils.data.IterableDataset):
             epoch, index = epoch + 1, 0
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints
+    first and then shuts them down (SLURM signals every process of a job step)."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack pixels; keep captions and SDXL size conditioning as lists."""
     return {
@@ -417,7 +429,7 @@ def run(ctx: StageContext) -> StageSummary:
             (koala_dir / TRAIN_LOG_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
 
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device_specific=True)  # each process draws its own noise
     if cfg.cpu_threads and device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
 
@@ -526,6 +538,7 @@ def run(ctx: StageContext) -> StageSummary:
         collate_fn=collate,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
+        worker_init_fn=_ignore_stop_signals,
     )
     if cfg.report_to and main:
         accelerator.init_trackers("koala", config=cfg.model_dump(mode="json"))
@@ -576,7 +589,7 @@ def run(ctx: StageContext) -> StageSummary:
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
                 step_skipped += batch["skipped"]
-                progress.shard_errors += batch["shard_errors"]
+                progress.shard_errors = sorted({*progress.shard_errors, *batch["shard_errors"]})
                 with accelerator.accumulate(student):
                     terms = distillation_step(
                         batch,

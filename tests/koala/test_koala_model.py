@@ -147,3 +147,26 @@ def test_tiny_sdxl_folder_loads_as_an_sdxl_pipeline(tmp_path: Path) -> None:
     assert pipe.vae_scale_factor == 8
     embeds, _, pooled, _ = pipe.encode_prompt(["a red circle"], do_classifier_free_guidance=False)
     assert embeds.shape == (1, 77, 64) and pooled.shape == (1, 32)
+
+
+def test_feature_loss_reaches_the_student_with_gradient_checkpointing(
+    tiny_teacher: UNet2DConditionModel,
+) -> None:
+    student = init_student_from_teacher(tiny_teacher, "koala-700m")
+    student.enable_gradient_checkpointing()
+    pairs = aligned_self_attention_pairs(student, tiny_teacher)
+    student_features = SelfAttentionFeatures(student, [s for s, _ in pairs])
+    teacher_features = SelfAttentionFeatures(tiny_teacher, [t for _, t in pairs])
+    x, t, text, cond = _inputs()
+    with torch.no_grad(), teacher_features.record():
+        tiny_teacher(x, t, text, added_cond_kwargs=cond)
+    with student_features.record():
+        student(x, t, text, added_cond_kwargs=cond)
+    loss = sum(
+        torch.nn.functional.mse_loss(student_features.outputs[s], teacher_features.outputs[t])
+        for s, t in pairs
+    )
+    loss.backward()  # recomputation during backward must not record again
+    assert len(student_features.outputs) == len(pairs)
+    deep = student.up_blocks[0].attentions[1].transformer_blocks[4].attn1.to_q.weight
+    assert deep.grad is not None and deep.grad.abs().sum() > 0
