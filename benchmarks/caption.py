@@ -284,11 +284,12 @@ def gpu_benchmark(args: argparse.Namespace) -> None:
 
     device = default_device()
     config = llava_15_7b_config()
-    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval()
+    with torch.device(device):  # initialised on the GPU, directly in bf16
+        model = LlavaForConditionalGeneration._from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        ).eval()
     n_params = sum(p.numel() for p in model.parameters()) / 1e9
     sys.stdout.write(
         f"LLaVA-1.5-7B architecture, random weights, bf16, {n_params:.2f}B parameters, "
