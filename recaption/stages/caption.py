@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import tarfile
 import time
 import zlib
@@ -42,7 +43,14 @@ from torch.utils.data import IterableDataset
 
 from recaption.config import CaptionConfig, RunConfig
 from recaption.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from recaption.ledger import STATS_SUFFIX, ShardError, ShardLedger, StageSummary, atomic_path
+from recaption.ledger import (
+    STATS_SUFFIX,
+    ShardError,
+    ShardLedger,
+    StageSummary,
+    StopRequested,
+    atomic_path,
+)
 from recaption.stages import StageContext
 
 logger = logging.getLogger(__name__)
@@ -344,9 +352,17 @@ def decode_size(processor: Any) -> int | None:
 
 
 def _worker_init(_worker_id: int) -> None:
+    """Set up a decoding worker: one torch thread, and stop signals left to the main process.
+
+    SLURM signals every process of a job step; the main process abandons the shard cleanly
+    and then shuts its workers down, so a worker must not die of SIGTERM/SIGUSR1 first.
+    """
     import torch
 
     torch.set_num_threads(1)  # the worker decodes; the main process owns the cores for the model
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 # -- generation ----------------------------------------------------------------------------------
@@ -483,7 +499,7 @@ class ShardCaptioner:
             dataset,
             batch_size=None,
             num_workers=workers,
-            worker_init_fn=_worker_init if workers else None,
+            worker_init_fn=_worker_init,
             prefetch_factor=4 if workers else None,
             pin_memory=self.captioner.device.startswith("cuda"),
         )
@@ -515,6 +531,10 @@ class ShardCaptioner:
                 rows.extend(batch_rows)
                 n_new_tokens += n_new
                 progress.update(len(batch_rows))
+        except (RuntimeError, OSError) as exc:
+            if self.ledger.stop_requested:  # e.g. a worker killed by the same stop signal
+                raise StopRequested(str(exc)) from exc
+            raise
         finally:
             progress.close()
             batches = None  # shuts the DataLoader workers down now, not at some later GC

@@ -57,30 +57,43 @@ def _stats(run_dir: Path, shard: str) -> dict:
     return json.loads((run_dir / "captions" / f"{shard}_stats.json").read_text())
 
 
-def test_sigkill_mid_shard_then_rerun_equals_an_uninterrupted_run(
-    make_run, reference, captions_of
-) -> None:
-    run_dir, config = make_run("killed")
-    first_marker = run_dir / "captions" / "00000_stats.json"
+def _interrupt_after(config: Path, marker: Path, sig: signal.Signals) -> int:
+    """Start the stage, send ``sig`` to its process group once ``marker`` appears."""
     proc = subprocess.Popen(
         _cli(config, "-q"),
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,  # so the kill reaches its DataLoader worker too
+        start_new_session=True,  # its own process group: the DataLoader worker gets it too
     )
     try:
         deadline = time.monotonic() + 120
-        while not first_marker.exists():
-            assert proc.poll() is None, "the run ended before its first shard was done"
+        while not marker.exists():
+            assert proc.poll() is None, "the run ended before the awaited shard was done"
             assert time.monotonic() < deadline, "no shard finished within 120 s"
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)  # the second shard is under way
+        os.killpg(proc.pid, sig)  # the next shard is under way
     finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    done = sorted(captions_of(run_dir))
-    assert done[0] == "00000" and "00001" not in done, done
+        proc.wait(timeout=120)
+    return proc.returncode
+
+
+def test_sigterm_then_sigkill_mid_shard_then_rerun_equals_an_uninterrupted_run(
+    make_run, reference, captions_of
+) -> None:
+    run_dir, config = make_run("killed")
+    captions = run_dir / "captions"
+
+    # SIGTERM (SLURM preemption), as SLURM sends it: to every process of the job step.
+    code = _interrupt_after(config, captions / "00000_stats.json", signal.SIGTERM)
+    assert code == 3  # interrupted: rerun to finish
+    assert sorted(captions_of(run_dir)) == ["00000"]
+    assert not (captions / "_ledger" / "00001_failed.json").exists()  # abandoned, not failed
+
+    # SIGKILL (a crash): nothing can be cleaned up.
+    code = _interrupt_after(config, captions / "00001_stats.json", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert sorted(captions_of(run_dir)) == ["00000", "00001"]
 
     rerun = subprocess.run(_cli(config, "-q"), env=_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -89,7 +102,7 @@ def test_sigkill_mid_shard_then_rerun_equals_an_uninterrupted_run(
     for shard, rows in after.items():
         keys = [r["key"] for r in rows]
         assert len(keys) == len(set(keys)) == SHARDS[shard]
-    leftovers = [p.name for p in (run_dir / "captions").iterdir() if ".tmp-" in p.name]
+    leftovers = [p.name for p in captions.iterdir() if ".tmp-" in p.name]
     assert leftovers == []
 
 
