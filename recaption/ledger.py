@@ -397,6 +397,18 @@ class ShardLedger:
                     logger.warning("%s: shard %s abandoned (not marked done)", self.stage, shard)
                     break
                 except Exception as exc:  # one bad shard never kills the run
+                    if self.stop_requested:
+                        # A stop signal also reaches worker processes (a hard scancel signals
+                        # the whole job); what breaks after it is the stop, not the shard.
+                        self.clear_temporaries(shard)
+                        summary.interrupted = True
+                        logger.warning(
+                            "%s: shard %s abandoned after a stop signal (%s)",
+                            self.stage,
+                            shard,
+                            exc,
+                        )
+                        break
                     error = f"{type(exc).__name__}: {exc}"
                     logger.error("%s: shard %s failed: %s", self.stage, shard, error)
                     logger.debug("%s", traceback.format_exc())

@@ -165,3 +165,16 @@ def test_shard_redone_when_its_input_was_redone(tmp_path: Path) -> None:
     seen: list[str] = []
     downstream.run(SHARDS[:2], _writer(downstream, seen))
     assert seen == [SHARDS[1]]
+
+
+def test_error_after_stop_signal_abandons_rather_than_fails(tmp_path: Path) -> None:
+    ledger = ShardLedger("demo", tmp_path, {})
+    ledger.prepare()
+
+    def process(shard: str) -> dict:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("DataLoader worker exited unexpectedly")
+
+    summary = ledger.run(SHARDS[:2], process)
+    assert summary.interrupted and summary.shards_failed == {}
+    assert ledger.failed_shards() == {} and not ledger.is_done(SHARDS[0])
