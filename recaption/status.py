@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,13 @@ def collect_status(config: RunConfig) -> dict[str, Any]:
         failed = list_shards(folder / LEDGER_DIR, FAILED_SUFFIX)
         ok = bad = 0
         seconds = 0.0
+        rejections: Counter[str] = Counter()
         for shard in done:
             stats = _read_json(folder / f"{shard}{STATS_SUFFIX}")
             n_ok, n_bad = _sample_counts(stats)
             ok, bad = ok + n_ok, bad + n_bad
             seconds += float(stats.get("seconds", stats.get("duration", 0.0)) or 0.0)
+            rejections.update(stats.get("rejected", {}))
         inputs = (
             sorted(set(upstream or []) | set(done) | set(failed))
             if upstream is not None
@@ -57,6 +60,7 @@ def collect_status(config: RunConfig) -> dict[str, Any]:
             },
             "samples_ok": ok,
             "samples_failed": bad,
+            "rejections": dict(rejections.most_common()),
             "seconds": round(seconds, 2),
             "samples_per_second": round((ok + bad) / seconds, 2) if seconds else None,
             # Shard-seconds left at the pace of the finished shards, for one worker.
@@ -93,6 +97,9 @@ def format_status(report: dict[str, Any]) -> str:
             f"{s['shards_pending']:>9}{s['samples_ok']:>9}{s['samples_failed']:>9}"
             f"{rate:>11}{eta}"
         )
+        if s["rejections"]:
+            reasons = ", ".join(f"{k} {v}" for k, v in s["rejections"].items())
+            lines.append(f"    rejected by rule: {reasons}")
         for shard, error in s["failed"].items():
             lines.append(f"    failed {stage} shard {shard}: {error}")
     train = report["stages"]["train"]
