@@ -15,6 +15,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from recaption.config import RunConfig, load_config
+from recaption.ledger import StageSummary
 from recaption.stages import StageContext
 
 COLOURS = {
@@ -149,18 +150,29 @@ def make_run(tmp_path: Path, models_dir: Path) -> Callable[..., tuple[RunConfig,
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> RunConfig:
-    """One short distillation on two shards (one corrupt JPEG among them), 16 steps."""
+def trained_run(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> tuple[RunConfig, StageSummary]:
+    """One short distillation, 16 steps, on three shards: one holds a corrupt JPEG, one is a
+    truncated tar (half its samples readable). TensorBoard logging on."""
     tmp = tmp_path_factory.mktemp("trained")
     webdataset_dir = tmp / "run" / "dataset" / "webdataset"
     webdataset_dir.mkdir(parents=True)
     write_shard(webdataset_dir / "00000.tar", 12, seed=0, corrupt_keys=("00000003",))
     write_shard(webdataset_dir / "00001.tar", 12, seed=1)
+    truncated = webdataset_dir / "00002.tar"
+    write_shard(truncated, 8, seed=2)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     (webdataset_dir / "00000_stats.json").write_text("{}")  # merge's marker: not a shard
     data = {
         "run_dir": str(tmp / "run"),
         "demo": {"models_dir": str(models_dir)},
-        "train": {**TRAIN_DEFAULTS, "max_steps": 16, "checkpointing_steps": 8},
+        "train": {
+            **TRAIN_DEFAULTS,
+            "max_steps": 16,
+            "checkpointing_steps": 8,
+            "report_to": "tensorboard",
+        },
     }
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -168,5 +180,4 @@ def trained(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> RunCo
     from recaption.stages import train as train_stage
 
     summary = train_stage.run(StageContext(config))
-    assert summary.ok, summary.describe()
-    return config
+    return config, summary

@@ -19,7 +19,7 @@ from PIL import Image
 
 from recaption.cli import main as cli_main
 from recaption.config import RunConfig, load_config
-from recaption.ledger import ConfigMismatchError
+from recaption.ledger import ConfigMismatchError, StageSummary
 from recaption.stages import StageContext
 from recaption.stages import sample as sample_stage
 from recaption.stages import train as train_stage
@@ -37,7 +37,10 @@ def read_state(config: RunConfig) -> dict:
     return json.loads((config.koala_dir / "train_state.json").read_text())
 
 
-def test_distillation_lowers_the_loss_and_reports_each_term(trained: RunConfig) -> None:
+def test_distillation_lowers_the_loss_and_reports_each_term(
+    trained_run: tuple[RunConfig, StageSummary],
+) -> None:
+    trained, _ = trained_run
     log = read_log(trained)
     assert [r["step"] for r in log] == list(range(1, 17))
     for record in log:
@@ -53,6 +56,25 @@ def test_distillation_lowers_the_loss_and_reports_each_term(trained: RunConfig) 
     assert state["status"] == "finished"
     assert state["samples_skipped"] >= 1  # the corrupt JPEG, skipped and counted
     assert state["loss"] == pytest.approx(log[-1]["loss"])
+    assert list((trained.koala_dir / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_a_truncated_shard_is_reported_and_training_goes_on(
+    trained_run: tuple[RunConfig, StageSummary],
+) -> None:
+    trained, summary = trained_run
+    assert list(summary.shards_failed) == ["00002"]
+    assert "ReadError" in summary.shards_failed["00002"]
+    assert sorted(summary.shards_ok) == ["00000", "00001"]
+    assert not summary.ok  # the command exits 1 so the shard gets looked at...
+    assert read_state(trained)["shard_errors"][0].startswith("00002: ")
+    # ...but training finished and the pipeline was written
+    assert (trained.koala_dir / "pipeline" / "model_index.json").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run: tuple[RunConfig, StageSummary]) -> RunConfig:
+    return trained_run[0]
 
 
 def test_output_folder_is_a_complete_sdxl_pipeline(trained: RunConfig) -> None:
@@ -83,7 +105,7 @@ def test_output_folder_is_a_complete_sdxl_pipeline(trained: RunConfig) -> None:
 def test_finished_training_is_not_redone(trained: RunConfig) -> None:
     before = (trained.koala_dir / "pipeline" / "model_index.json").stat().st_mtime_ns
     summary = train_stage.run(StageContext(trained))
-    assert summary.ok and summary.shards_done_before == 2
+    assert summary.shards_done_before == 3 and not summary.shards_ok
     assert (trained.koala_dir / "pipeline" / "model_index.json").stat().st_mtime_ns == before
 
 
@@ -260,3 +282,17 @@ def test_bad_input_is_refused_at_start_up_with_nothing_written(
     # sampling before training
     with pytest.raises(FileNotFoundError, match="run `recaption train CONFIG` first"):
         sample_stage.run(StageContext(config))
+
+
+def test_prompts_file_replaces_the_prompt_list(tmp_path: Path) -> None:
+    from recaption.config import SampleConfig
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("# KOALA prompts\na red circle\n\n  a blue square  \n")
+    assert sample_stage.read_prompts(SampleConfig(prompts_file=path)) == [
+        "a red circle",
+        "a blue square",
+    ]
+    path.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        sample_stage.read_prompts(SampleConfig(prompts_file=path))
