@@ -473,10 +473,6 @@ class ShardCaptioner:
                     finish_reason=reason,
                 )
                 n_new += n_generated
-        # Items the processor rejected one by one are errors although their image decoded.
-        for i, item in enumerate(batch.items):
-            if item[3] is not None:
-                rows[i].update(status="error", error=item[3], caption=None)
         return rows, n_new
 
     def caption_shard(self, shard: str) -> dict[str, Any]:
