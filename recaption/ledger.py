@@ -34,7 +34,7 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,14 @@ def list_shards(folder: Path, suffix: str) -> list[str]:
     )
 
 
+def marker_digest(folder: Path, shard: str) -> str:
+    """A short digest of ``folder/{shard}_stats.json``: the input stamp of a downstream shard."""
+    try:
+        return hashlib.sha256((folder / f"{shard}{STATS_SUFFIX}").read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "missing"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file and ``os.replace``."""
     with atomic_path(path) as tmp:
@@ -149,10 +157,11 @@ class ShardLedger:
     """Resume bookkeeping for one stage's output folder.
 
     ``stage_config`` is the JSON-able config that decides the stage's outputs; its
-    fingerprint is stored with every done marker. With ``upstream_dir`` (the previous stage's
-    marker folder), each marker also stores a digest of the input shard's marker, and a shard
-    whose input was redone since (a new upstream marker) counts as not done: stale outputs
-    are never mistaken for finished ones.
+    fingerprint is stored with every done marker. ``input_stamps`` maps each shard to a
+    JSON-able stamp of its inputs (a digest of the upstream marker, file sizes and times, a
+    duplicate table's hash); it is stored with the marker too, and a shard whose inputs
+    changed since it was done counts as not done: stale outputs are never mistaken for
+    finished ones.
     """
 
     def __init__(
@@ -162,10 +171,11 @@ class ShardLedger:
         stage_config: dict[str, Any],
         *,
         overwrite: bool = False,
-        upstream_dir: Path | None = None,
+        input_stamps: Mapping[str, Any] | None = None,
     ) -> None:
         self.stage = stage
-        self.upstream_dir = Path(upstream_dir) if upstream_dir is not None else None
+        self.input_stamps: dict[str, Any] = {}
+        self.set_input_stamps(input_stamps or {})
         self.output_dir = Path(output_dir)
         self.stage_config = stage_config
         self.fingerprint = fingerprint(stage_config)
@@ -256,22 +266,21 @@ class ShardLedger:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def upstream_digest(self, shard: str) -> str | None:
-        """A digest of the input shard's done marker (None without ``upstream_dir``)."""
-        if self.upstream_dir is None:
-            return None
-        try:
-            data = (self.upstream_dir / f"{shard}{STATS_SUFFIX}").read_bytes()
-        except OSError:
-            return "missing"
-        return hashlib.sha256(data).hexdigest()[:16]
+    def set_input_stamps(self, stamps: Mapping[str, Any]) -> None:
+        """Set each shard's input stamp (for stamps known only after :meth:`prepare`)."""
+        # Through JSON once, so stamps compare equal to what a marker file reads back.
+        self.input_stamps = json.loads(json.dumps(dict(stamps), default=str))
+
+    def inputs_changed(self, shard: str, stats: dict[str, Any]) -> bool:
+        """True when the shard has an input stamp that differs from the one in ``stats``."""
+        return shard in self.input_stamps and stats.get("inputs") != self.input_stamps[shard]
 
     def is_done(self, shard: str) -> bool:
-        """Done: the marker exists, with the current config, over the current input shard."""
+        """Done: the marker exists, with the current config, over the current inputs."""
         stats = self.read_stats(shard)
         if stats is None or stats.get("fingerprint", self.fingerprint) != self.fingerprint:
             return False
-        return self.upstream_dir is None or stats.get("upstream") == self.upstream_digest(shard)
+        return not self.inputs_changed(shard, stats)
 
     def done_shards(self) -> list[str]:
         return [s for s in list_shards(self.output_dir, STATS_SUFFIX) if self.is_done(s)]
@@ -291,8 +300,8 @@ class ShardLedger:
     def mark_done(self, shard: str, stats: dict[str, Any]) -> dict[str, Any]:
         """Write the done marker (last step of a shard) and clear any failure record."""
         stats = {**stats, "shard": shard, "stage": self.stage, "fingerprint": self.fingerprint}
-        if self.upstream_dir is not None:
-            stats["upstream"] = self.upstream_digest(shard)
+        if shard in self.input_stamps:
+            stats["inputs"] = self.input_stamps[shard]
         write_json_atomic(self.marker_path(shard), stats)
         with contextlib.suppress(FileNotFoundError):
             self.failed_path(shard).unlink()
@@ -362,6 +371,14 @@ class ShardLedger:
         start = time.perf_counter()
         shards = sorted(set(shards))
         done_before = [s for s in shards if self.is_done(s)]
+        for shard in assign(shards, rank, world_size):
+            stats = self.read_stats(shard)
+            if stats is not None and self.inputs_changed(shard, stats):
+                logger.warning(
+                    "%s: shard %s: its inputs changed since it was done; redoing it",
+                    self.stage,
+                    shard,
+                )
         # Assign over *all* shards, not the pending ones: ranks that start at different times
         # (a throttled job array) must agree on who owns what, whatever is done by then.
         mine = [s for s in assign(shards, rank, world_size) if s not in set(done_before)]

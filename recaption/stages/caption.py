@@ -50,6 +50,7 @@ from recaption.ledger import (
     StageSummary,
     StopRequested,
     atomic_path,
+    marker_digest,
 )
 from recaption.stages import StageContext
 
@@ -623,7 +624,12 @@ def run(ctx: StageContext) -> StageSummary:
     model_path = resolve_model(config, section.model)
     check_checkpoint(model_path, section.revision, section.trust_remote_code)
     ledger = ShardLedger(
-        STAGE, config.stage_dir(STAGE), section.fingerprint_dict(), overwrite=ctx.overwrite
+        STAGE,
+        config.stage_dir(STAGE),
+        section.fingerprint_dict(),
+        overwrite=ctx.overwrite,
+        # A redownloaded image shard (new img2dataset marker) makes its captions stale.
+        input_stamps={s: marker_digest(config.images_dir, s) for s in shards},
     )
     ledger.prepare()
     mine = [s for s in assign(shards, ctx.rank, ctx.world_size) if not ledger.is_done(s)]

@@ -512,30 +512,6 @@ def filter_table(
     return result, stats
 
 
-def invalidate_changed_shards(
-    ledger: ShardLedger, shards: list[str], inputs: dict[str, Any]
-) -> None:
-    """Remove the done marker of shards whose recorded inputs differ from the current ones."""
-    for shard in shards:
-        stats = ledger.read_stats(shard)
-        if stats is None or not ledger.is_done(shard):
-            continue
-        if stats.get("inputs") != inputs[shard]:
-            logger.warning(
-                "%s: shard %s: its inputs changed since it was done (%s); redoing it",
-                ledger.stage,
-                shard,
-                ", ".join(
-                    k
-                    for k in inputs[shard]
-                    if (stats.get("inputs") or {}).get(k) != inputs[shard][k]
-                )
-                or "no record",
-            )
-            with contextlib.suppress(FileNotFoundError):
-                ledger.marker_path(shard).unlink()
-
-
 def run(ctx: StageContext) -> StageSummary:
     """Filter every finished caption shard (see the module docstring)."""
     config = ctx.config
@@ -587,7 +563,7 @@ def run(ctx: StageContext) -> StageSummary:
         }
         for shard in shards
     }
-    invalidate_changed_shards(ledger, shards, inputs)
+    ledger.set_input_stamps(inputs)
 
     def process_one_shard(shard: str) -> dict[str, Any]:
         captions = read_caption_table(captions_dir / f"{shard}.parquet", shard)
@@ -604,7 +580,6 @@ def run(ctx: StageContext) -> StageSummary:
         ledger.check_stop()
         with atomic_path(ledger.output_path(shard, ".parquet")) as tmp:
             pq.write_table(result, tmp)
-        stats["inputs"] = inputs[shard]
         logger.info(
             "filter shard %s: %d in, %d kept, rejected %s, errors %s",
             shard,

@@ -446,8 +446,6 @@ def shard_inputs(config: RunConfig, shard: str) -> dict[str, Any]:
 
 def run(ctx: StageContext) -> StageSummary:
     """Merge every filtered shard, then write the card, stats, report and manifest."""
-    from recaption.stages.filter import invalidate_changed_shards
-
     config = ctx.config
     filtered_dir = config.filtered_dir
     shards = list_shards(filtered_dir, STATS_SUFFIX)
@@ -466,16 +464,13 @@ def run(ctx: StageContext) -> StageSummary:
     )
     ledger.prepare()
     parquet_dir(config).mkdir(parents=True, exist_ok=True)
-    inputs = {shard: shard_inputs(config, shard) for shard in shards}
-    invalidate_changed_shards(ledger, shards, inputs)
+    ledger.set_input_stamps({shard: shard_inputs(config, shard) for shard in shards})
 
     def process_one_shard(shard: str) -> dict[str, Any]:
         for stale in parquet_dir(config).glob(f".{shard}.parquet*"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        stats = merge_shard(config, shard, ledger)
-        stats["inputs"] = inputs[shard]
-        return stats
+        return merge_shard(config, shard, ledger)
 
     summary = ledger.run(shards, process_one_shard, rank=ctx.rank, world_size=ctx.world_size)
     if summary.interrupted:

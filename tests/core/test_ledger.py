@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from recaption.distributed import resolve_rank
-from recaption.ledger import ConfigMismatchError, ShardLedger, StopRequested, assign, atomic_path
+from recaption.ledger import (
+    ConfigMismatchError,
+    ShardLedger,
+    StopRequested,
+    assign,
+    atomic_path,
+    marker_digest,
+)
 
 SHARDS = [f"{i:05d}" for i in range(23)]
 
@@ -153,18 +160,23 @@ def test_shard_redone_when_its_input_was_redone(tmp_path: Path) -> None:
     upstream = ShardLedger("caption", tmp_path / "captions", {"m": 1})
     upstream.prepare()
     upstream.run(SHARDS[:2], _writer(upstream, []))
-    downstream = ShardLedger(
-        "filter", tmp_path / "filtered", {"f": 1}, upstream_dir=tmp_path / "captions"
-    )
-    downstream.prepare()
-    downstream.run(SHARDS[:2], _writer(downstream, []))
-    assert downstream.done_shards() == SHARDS[:2]
+
+    def downstream() -> ShardLedger:
+        stamps = {s: marker_digest(tmp_path / "captions", s) for s in SHARDS[:2]}
+        return ShardLedger("filter", tmp_path / "filtered", {"f": 1}, input_stamps=stamps)
+
+    first = downstream()
+    first.prepare()
+    first.run(SHARDS[:2], _writer(first, []))
+    assert downstream().done_shards() == SHARDS[:2]
     # The caption shard 00001 is redone (say, after a failed image was retried).
     upstream.marker_path(SHARDS[1]).unlink()
     upstream.run(SHARDS[:2], lambda s: {"n_ok": 3, "n_failed": 0, "n_input": 3})
+    second = downstream()
     seen: list[str] = []
-    downstream.run(SHARDS[:2], _writer(downstream, seen))
+    second.run(SHARDS[:2], _writer(second, seen))
     assert seen == [SHARDS[1]]
+    assert downstream().done_shards() == SHARDS[:2]
 
 
 def test_error_after_stop_signal_abandons_rather_than_fails(tmp_path: Path) -> None:
