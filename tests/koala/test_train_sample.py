@@ -102,6 +102,22 @@ def test_output_folder_is_a_complete_sdxl_pipeline(trained: RunConfig) -> None:
     assert images[0].size == (64, 48)
 
 
+def test_exported_unet_holds_the_ema_weights(trained: RunConfig) -> None:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    last = trained.koala_dir / "checkpoints" / "checkpoint-00000016"
+    ema = torch.load(last / "custom_checkpoint_2.pkl", weights_only=False)  # EMAModel state
+    raw = load_file(last / "model.safetensors")  # the student's own weights
+    unet = UNet2DConditionModel.from_pretrained(trained.koala_dir / "pipeline", subfolder="unet")
+    names = [n for n, _ in unet.named_parameters()]
+    exported = dict(unet.named_parameters())
+    assert len(ema["shadow_params"]) == len(names)
+    for name, shadow in zip(names, ema["shadow_params"], strict=True):
+        assert torch.equal(exported[name].detach(), shadow), name
+    assert any(not torch.equal(exported[n].detach(), raw[n]) for n in names)
+
+
 def test_finished_training_is_not_redone(trained: RunConfig) -> None:
     before = (trained.koala_dir / "pipeline" / "model_index.json").stat().st_mtime_ns
     summary = train_stage.run(StageContext(trained))
