@@ -196,6 +196,11 @@ def test_sample_stage_writes_grid_parquet_and_teacher_side_by_side(
     first = Image.open(samples / koala_0["file"]).tobytes()
     summary = sample_stage.run(StageContext(config, overwrite=True))
     assert summary.shards_done_before == 1  # nothing changed: not sampled again
+    # Retrained in place (new weights file): sampled again, reproducibly.
+    weights = trained.koala_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    os.utime(weights, ns=(time.time_ns(), time.time_ns()))
+    summary = sample_stage.run(StageContext(config))
+    assert summary.ok and summary.shards_ok == ["samples"]
     assert Image.open(samples / koala_0["file"]).tobytes() == first
 
 
