@@ -353,7 +353,7 @@ class SampleConfig(Section):
 class RunConfig(Section):
     """A whole run: the run directory and one section per stage."""
 
-    run_dir: Path
+    run_dir: Path = Field(description="The folder that holds every stage's outputs.")
     demo: DemoConfig = Field(default_factory=DemoConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)

@@ -91,3 +91,11 @@ def test_operational_keys_do_not_change_the_fingerprint(tmp_path: Path) -> None:
     c = load_config(path, ["download.image_size=512"]).download
     assert a == b.fingerprint_dict()
     assert a != c.fingerprint_dict()
+
+
+def test_config_reference_is_current() -> None:
+    from recaption.config_reference import render
+
+    assert (REPO / "docs" / "CONFIG.md").read_text() == render(), (
+        "docs/CONFIG.md is stale: run `python -m recaption.config_reference > docs/CONFIG.md`"
+    )
