@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from recaption.caption_rules import DEFAULT_REFUSAL_PHRASES
+
 STAGE_NAMES: tuple[str, ...] = ("download", "caption", "filter", "merge", "train", "sample")
 
 
@@ -175,22 +177,7 @@ class FilterConfig(Section):
     max_duplicate_ngram_fraction: float = Field(0.3, ge=0, le=1)
     max_tail_repeats: int = Field(3, ge=2, description="A phrase repeated this often at the end.")
     refusal_phrases: list[str] = Field(
-        default_factory=lambda: [
-            "i'm sorry",
-            "i am sorry",
-            "i cannot",
-            "i can't",
-            "i am unable",
-            "i'm unable",
-            "as an ai",
-            "as a language model",
-            "there is no image",
-            "no image provided",
-            "image is not available",
-            "unable to see the image",
-            "cannot see the image",
-            "can't see the image",
-        ],
+        default_factory=lambda: list(DEFAULT_REFUSAL_PHRASES),
         description="Case-insensitive phrases that mark a refusal or meta-text.",
     )
     boilerplate: Literal["rewrite", "keep", "drop"] = "rewrite"
