@@ -6,9 +6,9 @@
    language identification included) over LLaVA-like captions (boilerplate openings, loops,
    truncations, refusals, some French), plus the run-wide duplicate hashing pass. Goal:
    >= 100k captions/s.
-2. Merge: MB/s of ``merge_shard`` (read the image tar, join captions and decisions, write the
-   webdataset tar and the parquet table) divided by the MB/s of a plain copy of the same tar
-   bytes, in the same run. Goal: >= 0.5.
+2. Merge: MB/s of ``merge_shard`` (stream the image tar, join captions and decisions, write the
+   webdataset tar and the parquet table; both tars through the standard library's ``tarfile``)
+   divided by the MB/s of a plain copy of the same tar bytes, in the same run. Goal: >= 0.5.
 """
 
 from __future__ import annotations

@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,158 +98,47 @@ def _first(meta: dict[str, Any], *names: str) -> Any:
     return None
 
 
-BLOCK = 512
+def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    """Append one regular file (read-only, no owner) holding ``data`` untouched."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = mtime
+    info.mode = 0o444
+    tar.addfile(info, io.BytesIO(data))
 
 
-class TarFormatError(ValueError):
-    """A tar header that does not parse, or data that ends early."""
+def iter_image_samples(path: Path, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {extension: bytes})`` for each sample of an image shard, in tar order.
 
-
-def _octal(field: bytes) -> int:
-    text = field.rstrip(b"\0 ").strip()
-    if field[:1] == b"\x80":  # GNU base-256 for sizes over 8 GB
-        return int.from_bytes(field[1:], "big")
-    return int(text, 8) if text else 0
-
-
-def _read_exact(fh: BinaryIO, n: int) -> bytes:
-    data = fh.read(n)
-    if len(data) != n:
-        raise TarFormatError(f"unexpected end of file ({len(data)} of {n} bytes)")
-    return data
-
-
-def iter_tar_files(fh: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """Yield ``(name, data)`` for each regular file of an uncompressed tar, in order.
-
-    A small reader for the ustar/PAX/GNU tars img2dataset and webdataset write: a header
-    block, the data, padding to 512 bytes. ``tarfile`` does the same with far more per-member
-    work (it dominates on shards of small images); the checksum of every header is still
-    verified, and a file cut anywhere before its end-of-archive blocks raises
-    :class:`TarFormatError`.
+    A tar cut inside a member, or corrupt, raises :class:`ShardError`. A tar cut exactly between
+    members reads as a shorter valid tar, so once the tar is read its keys are checked against
+    the downloads img2dataset recorded as successful in ``{shard}.parquet``; one missing is a
+    truncated tar, and raises :class:`ShardError` too.
     """
-    long_name: str | None = None
-    pax: dict[str, str] = {}
-    while True:
-        header = fh.read(BLOCK)
-        if len(header) < BLOCK:
-            # Writers end a tar with zero blocks; a file that stops before them was cut.
-            raise TarFormatError("the file ends before the end-of-archive marker (truncated)")
-        if header == b"\0" * BLOCK:
-            return
-        stored = _octal(header[148:156])
-        actual = sum(header) - sum(header[148:156]) + 8 * 32
-        if stored != actual:
-            raise TarFormatError(f"bad header checksum at offset {fh.tell() - BLOCK}")
-        size = _octal(header[124:136])
-        kind = header[156:157]
-        data = _read_exact(fh, size)
-        if size % BLOCK:
-            _read_exact(fh, BLOCK - size % BLOCK)
-        if kind == b"x":  # PAX extended header for the next member
-            pax = _parse_pax(data)
-            continue
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            continue
-        if kind not in (b"0", b"\0", b"7"):
-            long_name, pax = None, {}
-            continue  # folders, links, global headers
-        name = header[0:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
-        prefix = header[345:500].rstrip(b"\0")
-        if header[257:262] == b"ustar" and prefix:
-            name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-        name = pax.get("path") or long_name or name
-        long_name, pax = None, {}
-        yield name, data
+    # The caption stage reads the same shards; its reader and check are reused here.
+    from recaption.stages.caption import expected_keys
+    from recaption.stages.caption import iter_tar_samples as iter_webdataset
 
-
-def _parse_pax(data: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    pos = 0
-    while pos < len(data) and data[pos : pos + 1] != b"\0":
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        out[key.decode()] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
-
-
-def iter_tar_samples(path: Path, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {extension: bytes})`` for each sample of a webdataset tar, in order.
-
-    A sample's files are consecutive members sharing the name before the first dot (the
-    webdataset convention). A truncated or corrupt tar raises :class:`ShardError`.
-    """
+    rerun = "rerun `recaption download` for this shard"
+    seen: set[str] = set()
     current: str | None = None
-    files: dict[str, bytes] = {}
     try:
-        with open(path, "rb", buffering=1 << 20) as fh:
-            for name, data in iter_tar_files(fh):
-                key, dot, ext = name.rpartition("/")[2].partition(".")
-                if not dot:
-                    continue
-                if key != current:
-                    if current is not None:
-                        yield current, files
-                    current, files = key, {}
-                files[ext.lower()] = data
-    except (TarFormatError, ValueError, OSError) as exc:
+        for sample in iter_webdataset(path):
+            current = sample.key
+            seen.add(current)
+            yield sample.key, sample.members
+    except (tarfile.TarError, OSError) as exc:
         raise ShardError(
-            f"image shard {shard}: {path} is unreadable after sample {current!r} ({exc}); "
-            "rerun `recaption download` for this shard"
+            f"image shard {shard}: {path} is unreadable after sample {current!r} ({exc}); {rerun}"
         ) from exc
-    if current is not None:
-        yield current, files
-
-
-class TarSink:
-    """Writes regular files to a tar (ustar headers, PAX for long names), for webdataset."""
-
-    def __init__(self, fh: BinaryIO, mtime: float) -> None:
-        self.fh = fh
-        self.mtime = int(mtime)
-
-    def _header(self, name: bytes, size: int, kind: bytes) -> bytes:
-        header = bytearray(BLOCK)
-        header[0 : len(name)] = name
-        header[100:108] = b"0000444\0"
-        header[108:116] = b"0000000\0"
-        header[116:124] = b"0000000\0"
-        header[124:136] = b"%011o\0" % size
-        header[136:148] = b"%011o\0" % self.mtime
-        header[148:156] = b" " * 8
-        header[156:157] = kind
-        header[257:265] = b"ustar\x0000"
-        header[148:156] = b"%06o\0 " % sum(header)
-        return bytes(header)
-
-    def _write(self, header: bytes, data: bytes) -> None:
-        self.fh.write(header)
-        self.fh.write(data)
-        if len(data) % BLOCK:
-            self.fh.write(b"\0" * (BLOCK - len(data) % BLOCK))
-
-    def add(self, name: str, data: bytes) -> None:
-        encoded = name.encode("utf-8")
-        if len(encoded) > 100 or not name.isascii():
-            record = b" path=" + encoded + b"\n"
-            digits = len(str(len(record)))
-            length = len(record) + digits
-            if len(str(length)) != digits:
-                length += 1
-            pax = str(length).encode() + record
-            self._write(self._header(b"././@PaxHeader", len(pax), b"x"), pax)
-            encoded = encoded[:100]
-        self._write(self._header(encoded, len(data), b"0"), data)
-
-    def close(self) -> None:
-        self.fh.write(b"\0" * (2 * BLOCK))
-
-
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    expected = expected_keys(path.parent, shard)
+    if expected is not None and not expected <= seen:
+        missing = sorted(expected - seen)
+        raise ShardError(
+            f"image shard {shard}: {path} holds {len(seen)} samples but {shard}.parquet lists "
+            f"{len(expected)} successful downloads ({len(missing)} missing, e.g. {missing[0]!r}):"
+            f" the tar is probably truncated; {rerun}"
+        )
 
 
 def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None) -> dict[str, Any]:
@@ -282,90 +172,77 @@ def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None
     rows: list[dict[str, Any]] = []
     images_bytes: list[bytes] = []
     n_without_caption = 0
-    mtime = time.time()
+    mtime = int(time.time())
     out_tar = (
         ledger.output_path(shard, ".tar") if ledger else config.stage_dir(STAGE) / f"{shard}.tar"
     )
     out_parquet = parquet_dir(config) / f"{shard}.parquet"
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_tar) as tmp_tar:
-        with open(tmp_tar, "wb", buffering=1 << 20) as fh:
-            tar = TarSink(fh, mtime)
-            # Each image is hashed in a thread (hashlib releases the GIL) while the next sample
-            # is read and parsed; a sample is written once its hash is ready, one sample later.
-            pending: tuple[dict[str, Any], str, bytes, str | None, Future[str]] | None = None
-
-            def write_sample(
-                item: tuple[dict[str, Any], str, bytes, str | None, Future[str]],
-            ) -> None:
-                row, ext, image, revision, digest = item
-                row["image_sha256"] = digest.result()
+        with (
+            open(tmp_tar, "wb", buffering=1 << 20) as fh,
+            tarfile.open(
+                fileobj=fh, mode="w", format=tarfile.PAX_FORMAT, copybufsize=1 << 20
+            ) as tar,
+        ):
+            samples = iter_image_samples(images, shard)
+            for n, (key, files) in enumerate(samples):
+                if ledger is not None and n % 512 == 0:
+                    ledger.check_stop()
+                if key not in decisions:
+                    n_without_caption += 1
+                    continue
+                if key not in kept or key in written:
+                    continue
+                ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+                if ext is None or not files[ext]:
+                    failed["empty_image" if ext else "no_image_in_sample"] += 1
+                    logger.warning("shard %s key %s: no image bytes in %s", shard, key, images)
+                    continue
+                try:
+                    meta = json.loads(files.get("json", b"{}") or b"{}")
+                except json.JSONDecodeError:
+                    meta = {}
+                decision, caption = decisions[key], caption_rows[key]
+                image = files[ext]
+                row = {
+                    "key": key,
+                    "url": _first(meta, "url"),
+                    "image_sha256": hashlib.sha256(image).hexdigest(),
+                    "image_format": "jpg" if ext == "jpeg" else ext,
+                    "original_text": _first(caption, "original_text")
+                    or _first(meta, "caption")
+                    or files.get("txt", b"").decode("utf-8", "replace"),
+                    "synthetic_caption": decision["caption_clean"],
+                    "synthetic_caption_raw": caption.get("caption"),
+                    "caption_model": caption.get("model"),
+                    "prompt": caption.get("prompt"),
+                    "finish_reason": caption.get("finish_reason"),
+                    "width": _first(meta, "width", "WIDTH"),
+                    "height": _first(meta, "height", "HEIGHT"),
+                    "original_width": _first(meta, "original_width", "WIDTH"),
+                    "original_height": _first(meta, "original_height", "HEIGHT"),
+                    "aesthetic_score": _first(meta, "AESTHETIC_SCORE", "aesthetic_score"),
+                    "similarity": _first(meta, "similarity"),
+                    "punsafe": _first(meta, "punsafe"),
+                    "pwatermark": _first(meta, "pwatermark"),
+                    **{name: decision.get(name) for name in SCORE_COLUMNS},
+                }
+                written.add(key)
                 sample_json = {k: v for k, v in row.items() if v is not None}
-                sample_json["caption_revision"] = revision
+                sample_json["caption_revision"] = caption.get("revision")
                 sample_json["sha256"] = row["image_sha256"]
-                key = row["key"]
-                tar.add(f"{key}.{ext}", image)
-                tar.add(f"{key}.txt", row["synthetic_caption"].encode("utf-8"))
-                tar.add(
+                _add_file(tar, f"{key}.{ext}", image, mtime)
+                _add_file(tar, f"{key}.txt", row["synthetic_caption"].encode("utf-8"), mtime)
+                _add_file(
+                    tar,
                     f"{key}.json",
-                    json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+                    json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode(),
+                    mtime,
                 )
                 rows.append(row)
                 if section.embed_images_in_parquet:
                     images_bytes.append(image)
-
-            with ThreadPoolExecutor(max_workers=1) as hasher:
-                samples = iter_tar_samples(images, shard)
-                for n, (key, files) in enumerate(samples):
-                    if ledger is not None and n % 512 == 0:
-                        ledger.check_stop()
-                    if key not in decisions:
-                        n_without_caption += 1
-                        continue
-                    if key not in kept or key in written:
-                        continue
-                    ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
-                    if ext is None or not files[ext]:
-                        failed["empty_image" if ext else "no_image_in_sample"] += 1
-                        logger.warning("shard %s key %s: no image bytes in %s", shard, key, images)
-                        continue
-                    try:
-                        meta = json.loads(files.get("json", b"{}") or b"{}")
-                    except json.JSONDecodeError:
-                        meta = {}
-                    decision, caption = decisions[key], caption_rows[key]
-                    image = files[ext]
-                    row = {
-                        "key": key,
-                        "url": _first(meta, "url"),
-                        "image_sha256": None,  # set when the hash is ready
-                        "image_format": "jpg" if ext == "jpeg" else ext,
-                        "original_text": _first(caption, "original_text")
-                        or _first(meta, "caption")
-                        or files.get("txt", b"").decode("utf-8", "replace"),
-                        "synthetic_caption": decision["caption_clean"],
-                        "synthetic_caption_raw": caption.get("caption"),
-                        "caption_model": caption.get("model"),
-                        "prompt": caption.get("prompt"),
-                        "finish_reason": caption.get("finish_reason"),
-                        "width": _first(meta, "width", "WIDTH"),
-                        "height": _first(meta, "height", "HEIGHT"),
-                        "original_width": _first(meta, "original_width", "WIDTH"),
-                        "original_height": _first(meta, "original_height", "HEIGHT"),
-                        "aesthetic_score": _first(meta, "AESTHETIC_SCORE", "aesthetic_score"),
-                        "similarity": _first(meta, "similarity"),
-                        "punsafe": _first(meta, "punsafe"),
-                        "pwatermark": _first(meta, "pwatermark"),
-                        **{name: decision.get(name) for name in SCORE_COLUMNS},
-                    }
-                    written.add(key)
-                    digest = hasher.submit(_sha256_hex, image)
-                    if pending is not None:
-                        write_sample(pending)
-                    pending = (row, ext, image, caption.get("revision"), digest)
-                if pending is not None:
-                    write_sample(pending)
-            tar.close()
         # Kept keys not written and not counted above have no sample in the image tar.
         n_missing = len(kept - written) - sum(failed.values())
         if n_missing:

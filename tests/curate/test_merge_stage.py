@@ -192,27 +192,24 @@ def test_publish_dry_run_lists_files_and_card_without_the_token(run_inputs, monk
     assert main(["publish", str(config.source), "--repo-id", "no-slash", "--dry-run"]) == 2
 
 
-def test_tar_reader_and_writer_match_tarfile(tmp_path):
-    """The merge stage's own tar IO against the standard library, long and non-ASCII names."""
-    from recaption.stages.merge import TarSink, iter_tar_files
-
-    files = [
-        ("k1.jpg", b"\xff\xd8" + bytes(range(256)) * 3),
-        ("k1.txt", "ünïcode caption 🐶".encode()),
-        ("ключ.json", b"{}"),
-        ("x" * 150 + ".jpg", b"y" * 512),
-        ("empty.txt", b""),
-    ]
-    path = tmp_path / "t.tar"
-    with open(path, "wb") as fh:
-        sink = TarSink(fh, 1_700_000_000)
-        for name, data in files:
-            sink.add(name, data)
-        sink.close()
-    with tarfile.open(path) as tar:
-        assert [(m.name, tar.extractfile(m).read()) for m in tar] == files
-    with open(path, "rb") as fh:
-        assert list(iter_tar_files(fh)) == files
+def test_long_and_non_ascii_keys_keep_their_names_and_bytes(tmp_path, curate):
+    """Keys past ustar's 100-byte name field, and non-ASCII keys, survive the merge intact."""
+    run_dir = tmp_path / "run"
+    keys = ["k1", "ключ", "x" * 150]
+    samples = [curate.sample(k, curate.GOOD[i] + f" Number {i}.") for i, k in enumerate(keys)]
+    curate.write_shard(run_dir, "00000", samples)
+    config = load_config(curate.write_config(run_dir))
+    assert _filter_and_merge(config).ok
+    source = _source_images(config, "00000")
+    out = config.dataset_dir / "webdataset" / "00000.tar"
+    with tarfile.open(out) as tar:
+        names = [m.name for m in tar]
+        jpgs = {m.name[:-4]: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
+    assert names == [f"{k}.{ext}" for k in keys for ext in ("jpg", "txt", "json")]
+    assert jpgs == source
+    samples = list(wds.WebDataset(str(out), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == keys
+    assert all(s["jpg"] == source[s["__key__"]] for s in samples)
 
 
 def test_two_ranks_the_last_one_to_finish_writes_the_card(run_inputs):

@@ -89,20 +89,27 @@ def test_merge_resumes_after_sigkill(run_inputs, tmp_path):
     assert stats["merge"]["n_ok"] == stats["filter"]["n_kept"]
 
 
-@pytest.mark.parametrize("where", ["middle", "last member"])
+@pytest.mark.parametrize("where", ["middle", "last member", "between samples"])
 def test_truncated_image_tar_fails_that_shard_only(run_inputs, where):
     config, _ = run_inputs
     assert filter_stage.run(StageContext(config)).ok
     tar = config.images_dir / "00000.tar"
     with tarfile.open(tar) as archive:
-        last = archive.getmembers()[-1]
+        members = archive.getmembers()
+    last = members[-1]
     data = tar.read_bytes()
-    cut = len(data) // 2 if where == "middle" else last.offset_data + last.size // 2
+    if where == "middle":
+        cut = len(data) // 2
+    elif where == "last member":
+        cut = last.offset_data + last.size // 2
+    else:  # a valid tar without its last sample nor end-of-archive blocks
+        last_key = last.name.split(".")[0]
+        cut = next(m.offset for m in members if m.name.split(".")[0] == last_key)
     tar.write_bytes(data[:cut])
     assert main(["merge", str(config.source)]) == 1
     failure = json.loads(
         (config.dataset_dir / "webdataset" / "_ledger" / "00000_failed.json").read_text()
     )
-    assert "00000.tar" in failure["error"]
+    assert "00000.tar" in failure["error"] and "recaption download" in failure["error"]
     assert (config.dataset_dir / "webdataset" / "00001_stats.json").exists()
     assert not (config.dataset_dir / "webdataset" / "00000.tar").exists()
