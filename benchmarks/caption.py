@@ -120,7 +120,8 @@ def model_only_images_per_s(config_path: Path) -> tuple[float, int]:
     from recaption.demo.models import resolve_model
     from recaption.ledger import ShardLedger, list_shards
     from recaption.models.llava import load_captioner
-    from recaption.stages.caption import ShardBatches, ShardCaptioner, iter_tar_samples
+    from recaption.shards import iter_tar_samples
+    from recaption.stages.caption import ShardBatches, ShardCaptioner
 
     config = load_config(config_path)
     section = config.caption

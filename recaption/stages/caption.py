@@ -26,14 +26,13 @@ group is needed because ranks share nothing but the ledger.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import tarfile
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset
 
 from recaption.config import CaptionConfig, RunConfig
-from recaption.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from recaption.images import ImageDecodeError, decode_image
 from recaption.ledger import (
     STATS_SUFFIX,
     ShardError,
@@ -52,6 +51,7 @@ from recaption.ledger import (
     atomic_path,
     marker_digest,
 )
+from recaption.shards import RawSample, expected_keys, iter_tar_samples
 from recaption.stages import StageContext
 
 logger = logging.getLogger(__name__)
@@ -106,83 +106,6 @@ def fill_instruction(template: str, alt_text: str, max_chars: int) -> str:
         return template
     hint = " ".join(alt_text.split())[:max_chars]
     return template.replace("{alt_text}", hint)
-
-
-# -- reading an img2dataset shard ----------------------------------------------------------------
-@dataclass
-class RawSample:
-    """One sample of a webdataset tar: its key and its members by extension."""
-
-    key: str
-    members: dict[str, bytes] = field(default_factory=dict)
-
-    def image_bytes(self) -> bytes | None:
-        for ext in IMAGE_EXTENSIONS:
-            if ext in self.members:
-                return self.members[ext]
-        return None
-
-    def alt_text(self) -> str:
-        """The original alt-text: the ``.txt`` member, else the ``caption`` in the ``.json``."""
-        if "txt" in self.members:
-            return self.members["txt"].decode("utf-8", errors="replace")
-        try:
-            caption = json.loads(self.members.get("json", b"{}")).get("caption")
-        except (ValueError, AttributeError):
-            caption = None
-        return caption if isinstance(caption, str) else ""
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """``"dir/000123.jpg"`` -> ``("dir/000123", "jpg")``, as webdataset groups members."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def iter_tar_samples(path: Path) -> Iterator[RawSample]:
-    """Stream the samples of a webdataset tar, grouping consecutive members by key.
-
-    Reads the tar front to back without an index, so memory stays flat however big the shard.
-    Raises :class:`tarfile.TarError` (or :class:`OSError`) on a truncated or corrupt tar.
-    """
-    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        current: RawSample | None = None
-        for n, member in enumerate(tar):
-            if n % 1000 == 999:
-                tar.members = []  # stream mode keeps every header otherwise
-            if not member.isfile():
-                continue
-            key, ext = split_member_name(member.name)
-            if key.startswith(".") or "/." in key or not ext:
-                continue
-            handle = tar.extractfile(member)
-            data = handle.read() if handle is not None else b""
-            if current is not None and current.key != key:
-                yield current
-                current = None
-            if current is None:
-                current = RawSample(key)
-            current.members[ext] = data
-        if current is not None:
-            yield current
-
-
-def expected_keys(images_dir: Path, shard: str) -> set[str] | None:
-    """Keys img2dataset's ``{shard}.parquet`` says it wrote to the tar, or None if unknown."""
-    path = images_dir / f"{shard}.parquet"
-    if not path.exists():
-        return None
-    try:
-        table = pq.read_table(path, columns=["key", "status"])
-    except (OSError, pa.ArrowInvalid, KeyError):
-        logger.debug("%s: cannot read key/status; skipping the completeness check", path)
-        return None
-    return {
-        str(k)
-        for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist(), strict=True)
-        if s == "success" and k is not None
-    }
 
 
 # -- decoding in DataLoader workers --------------------------------------------------------------

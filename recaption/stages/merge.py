@@ -51,6 +51,7 @@ from recaption.ledger import (
     atomic_path,
     list_shards,
 )
+from recaption.shards import expected_keys, iter_tar_samples
 from recaption.stages import StageContext
 from recaption.stages.filter import SCORE_COLUMNS, file_signature
 
@@ -115,15 +116,11 @@ def iter_image_samples(path: Path, shard: str) -> Iterator[tuple[str, dict[str, 
     the downloads img2dataset recorded as successful in ``{shard}.parquet``; one missing is a
     truncated tar, and raises :class:`ShardError` too.
     """
-    # The caption stage reads the same shards; its reader and check are reused here.
-    from recaption.stages.caption import expected_keys
-    from recaption.stages.caption import iter_tar_samples as iter_webdataset
-
     rerun = "rerun `recaption download` for this shard"
     seen: set[str] = set()
     current: str | None = None
     try:
-        for sample in iter_webdataset(path):
+        for sample in iter_tar_samples(path):
             current = sample.key
             seen.add(current)
             yield sample.key, sample.members

@@ -243,7 +243,7 @@ def test_pickled_weights_are_refused(demo_run, make_config, caption_stage, model
 
 
 def test_original_text_falls_back_to_the_json_caption() -> None:
-    from recaption.stages.caption import RawSample
+    from recaption.shards import RawSample
 
     assert RawSample("k", {"txt": b"from txt", "json": b'{"caption": "x"}'}).alt_text() == (
         "from txt"
