@@ -52,13 +52,77 @@ class Verdict:
 KEEP = Verdict(True)
 
 
+class CaptionView:
+    """One caption as the rules see it, with derived forms computed once and shared.
+
+    :class:`CaptionRules` builds one view per caption and passes it through every rule, so
+    the lower-cased text and its words are computed once, not once per rule. A rule reads
+    ``text`` (the caption as cleaned so far), ``lower`` and ``lower_words`` (``text.lower()``
+    and its whitespace-split words, computed on first use), records its scores in
+    ``scores`` and replaces the caption with :meth:`rewrite`, which drops the cached forms.
+    """
+
+    __slots__ = ("_lower", "_lower_words", "rewritten", "sample", "scores", "text")
+
+    def __init__(self, text: str, sample: CaptionSample) -> None:
+        self.sample = sample
+        self.text = text
+        self.scores: Scores = {}
+        self.rewritten = False
+        self._lower: str | None = None
+        self._lower_words: list[str] | None = None
+
+    @property
+    def lower(self) -> str:
+        """``text.lower()``."""
+        if self._lower is None:
+            self._lower = self.text.lower()
+        return self._lower
+
+    @property
+    def lower_words(self) -> list[str]:
+        """``text.lower().split()``: as many words as ``text.split()``, lower-cased."""
+        if self._lower_words is None:
+            self._lower_words = self.lower.split()
+        return self._lower_words
+
+    def rewrite(self, text: str) -> None:
+        """Replace the caption (a cleaning rule's output) and forget the derived forms."""
+        self.text = text
+        self.rewritten = True
+        self._lower = self._lower_words = None
+
+
 class CaptionRule:
-    """Base class: ``apply`` returns a :class:`Verdict`; ``name`` is the rejection reason."""
+    """Base class: ``name`` is the rejection reason.
+
+    A rule implements ``check(view)``: it reads a :class:`CaptionView`, writes its scores
+    into ``view.scores``, may :meth:`CaptionView.rewrite` the caption, and returns ``None``
+    to keep the caption or the rejection reason (usually ``self.name``). ``apply(caption,
+    sample)`` runs the rule on its own and returns a :class:`Verdict`. A rule written
+    against ``apply`` alone also works: the default ``check`` calls it.
+    """
 
     name: str = "rule"
 
+    def check(self, view: CaptionView) -> str | None:
+        """Decide ``view.text``: ``None`` keeps it, a string is the rejection reason."""
+        if type(self).apply is CaptionRule.apply:
+            raise NotImplementedError(f"{type(self).__name__} implements neither check nor apply")
+        verdict = self.apply(view.text, view.sample)
+        if verdict.scores:
+            view.scores.update(verdict.scores)
+        if verdict.caption is not None:
+            view.rewrite(verdict.caption)
+        return None if verdict.keep else verdict.reason or self.name
+
     def apply(self, caption: str, sample: CaptionSample) -> Verdict:
-        raise NotImplementedError
+        """Run this rule alone on ``caption``."""
+        if type(self).check is CaptionRule.check:
+            raise NotImplementedError(f"{type(self).__name__} implements neither check nor apply")
+        view = CaptionView(caption, sample)
+        reason = self.check(view)
+        return Verdict(reason is None, reason, view.scores, view.text if view.rewritten else None)
 
     def reject(self, scores: Scores | None = None, reason: str | None = None) -> Verdict:
         return Verdict(False, reason or self.name, scores or {})
@@ -79,19 +143,30 @@ class TextNormaliser(CaptionRule):
 
     name = "normalise"
 
-    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
-        text = caption
+    def check(self, view: CaptionView) -> str | None:
+        text = caption = view.text
         if "<" in text:
             text = _TAG.sub(" ", text)
         if "&" in text:
             text = html.unescape(text)
-        if not text.isascii():
-            # Cc/Cf: control and format characters (zero-width joiners, bidi marks).
-            text = "".join(
-                ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf")
-            )
-        # str.split() splits on every Unicode whitespace, newlines and tabs included.
-        return Verdict(True, caption=" ".join(text.split()))
+        if text.isprintable():
+            # No control, format or separator characters but the ASCII space (the common
+            # case): only runs of spaces and spaces at the ends need collapsing.
+            if "  " in text or text[:1] == " " or text[-1:] == " ":
+                text = " ".join(text.split())
+        else:
+            if not text.isascii():
+                # Cc/Cf: control and format characters (zero-width joiners, bidi marks).
+                text = "".join(
+                    ch
+                    for ch in text
+                    if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf")
+                )
+            # str.split() splits on every Unicode whitespace, newlines and tabs included.
+            text = " ".join(text.split())
+        if text != caption:
+            view.rewrite(text)
+        return None
 
 
 class EmptyCaptionFilter(CaptionRule):
@@ -103,10 +178,11 @@ class EmptyCaptionFilter(CaptionRule):
 
     name = "empty"
 
-    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+    def check(self, view: CaptionView) -> str | None:
+        caption = view.text
         if not caption or _WORD.search(caption) is None:
-            return self.reject()
-        return KEEP
+            return self.name
+        return None
 
 
 class RepetitionFilter(CaptionRule):
@@ -133,23 +209,37 @@ class RepetitionFilter(CaptionRule):
         self.max_tail_repeats = max_tail_repeats
         self.max_period = max_period
 
-    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
-        words = caption.lower().translate(_STRIP_PUNCTUATION).split()
+    def check(self, view: CaptionView) -> str | None:
+        words = strip_punctuation(view.lower).split()
         n = self.n
         total = len(words) - n + 1
         if total > 1:
-            grams = set(zip(*(words[i:] for i in range(n)), strict=False))
+            if n == 3:
+                grams = set(zip(words, words[1:], words[2:], strict=False))
+            else:
+                grams = set(zip(*[words[i:] for i in range(n)], strict=False))
             fraction = 1.0 - len(grams) / total
         else:
             fraction = 0.0
         repeats = tail_repeats(words, self.max_period)
-        scores = {"duplicate_ngram_fraction": round(fraction, 4), "tail_repeats": repeats}
+        scores = view.scores
+        scores["duplicate_ngram_fraction"] = round(fraction, 4)
+        scores["tail_repeats"] = repeats
         if fraction > self.max_fraction or repeats >= self.max_tail_repeats:
-            return self.reject(scores)
-        return Verdict(True, scores=scores)
+            return self.name
+        return None
 
 
-_STRIP_PUNCTUATION = str.maketrans("", "", ".,;:!?\"'()[]")
+_PUNCTUATION = ".,;:!?\"'()[]"
+_STRIP_PUNCTUATION = str.maketrans("", "", _PUNCTUATION)
+_PUNCTUATION_BYTES = _PUNCTUATION.encode("ascii")
+
+
+def strip_punctuation(text: str) -> str:
+    """``text`` without ``.,;:!?"'()[]`` (ASCII text through ``bytes.translate``, faster)."""
+    if text.isascii():
+        return text.encode("ascii").translate(None, _PUNCTUATION_BYTES).decode("ascii")
+    return text.translate(_STRIP_PUNCTUATION)
 
 
 def tail_repeats(words: Sequence[str], max_period: int = 12) -> int:
@@ -195,16 +285,22 @@ class TruncationFilter(CaptionRule):
             raise ValueError(f"truncation mode must be 'trim' or 'drop', not {mode!r}")
         self.mode = mode
 
-    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
-        if sample.finish_reason != "length":
-            return Verdict(True, scores={"trimmed_chars": 0})
+    def check(self, view: CaptionView) -> str | None:
+        if view.sample.finish_reason != "length":
+            view.scores["trimmed_chars"] = 0
+            return None
         if self.mode == "drop":
-            return self.reject({"trimmed_chars": 0})
+            view.scores["trimmed_chars"] = 0
+            return self.name
+        caption = view.text
         ends = [m.end() for m in _SENTENCE_END.finditer(caption)]
         if not ends:
-            return self.reject({"trimmed_chars": len(caption)})
+            view.scores["trimmed_chars"] = len(caption)
+            return self.name
         cut = caption[: ends[-1]].rstrip()
-        return Verdict(True, scores={"trimmed_chars": len(caption) - len(cut)}, caption=cut)
+        view.scores["trimmed_chars"] = len(caption) - len(cut)
+        view.rewrite(cut)
+        return None
 
 
 DEFAULT_REFUSAL_PHRASES: tuple[str, ...] = (
@@ -238,19 +334,40 @@ class RefusalFilter(CaptionRule):
 
     def __init__(self, phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES) -> None:
         self.phrases = [p.lower().replace("’", "'") for p in phrases if p.strip()]
-        self.pattern = (
-            re.compile("|".join(re.escape(p) for p in self.phrases)) if self.phrases else None
-        )
+        self.pattern = re.compile(phrase_trie_pattern(self.phrases)) if self.phrases else None
 
-    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+    def check(self, view: CaptionView) -> str | None:
         if self.pattern is None:
-            return KEEP
-        text = caption.lower()
+            return None
+        text = view.lower
         if "’" in text:
             text = text.replace("’", "'")
         if self.pattern.search(text):
-            return self.reject()
-        return KEEP
+            return self.name
+        return None
+
+
+def phrase_trie_pattern(phrases: Sequence[str]) -> str:
+    """A regular expression that finds any of ``phrases``, with shared prefixes factored out.
+
+    ``"i am sorry|i am unable"`` becomes ``"i\\ am\\ (?:sorry|unable)"``: the regex engine then
+    tries one branch per distinct next character instead of every phrase at every position.
+    A phrase that another one starts with ends the match early (enough for a search).
+    """
+    trie: dict[str, dict] = {}
+    for phrase in phrases:
+        node = trie
+        for ch in phrase:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict[str, dict]) -> str:
+        if "" in node:
+            return ""
+        branches = [re.escape(ch) + emit(child) for ch, child in sorted(node.items())]
+        return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+
+    return emit(trie)
 
 
 DEFAULT_BOILERPLATE_OPENINGS: tuple[str, ...] = (
@@ -287,19 +404,21 @@ class BoilerplateOpeningRewriter(CaptionRule):
             else None
         )
 
-    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+    def check(self, view: CaptionView) -> str | None:
+        caption = view.text
         match = self.pattern.match(caption) if self.pattern else None
         if match is None:
-            return Verdict(True, scores={"boilerplate_opening": False})
-        scores: Scores = {"boilerplate_opening": True}
+            view.scores["boilerplate_opening"] = False
+            return None
+        view.scores["boilerplate_opening"] = True
         if self.mode == "drop":
-            return self.reject(scores)
+            return self.name
         if self.mode == "keep":
-            return Verdict(True, scores=scores)
+            return None
         rest = caption[match.end() :].lstrip(" ,:;-")
-        if not rest:
-            return Verdict(True, scores=scores)
-        return Verdict(True, scores=scores, caption=rest[0].upper() + rest[1:])
+        if rest:
+            view.rewrite(rest[0].upper() + rest[1:])
+        return None
 
 
 class LengthFilter(CaptionRule):
@@ -322,15 +441,18 @@ class LengthFilter(CaptionRule):
         self.min_words, self.max_words = min_words, max_words
         self.min_chars, self.max_chars = min_chars, max_chars
 
-    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
-        n_words = len(caption.split())
-        n_chars = len(caption)
-        scores = {"n_words": n_words, "n_chars": n_chars}
+    def check(self, view: CaptionView) -> str | None:
+        # lower().split() has as many words as split(), and the language rule reuses it.
+        n_words = len(view.lower_words)
+        n_chars = len(view.text)
+        scores = view.scores
+        scores["n_words"] = n_words
+        scores["n_chars"] = n_chars
         if n_words < self.min_words or n_chars < self.min_chars:
-            return self.reject(scores, "too_short")
+            return "too_short"
         if n_words > self.max_words or n_chars > self.max_chars:
-            return self.reject(scores, "too_long")
-        return Verdict(True, scores=scores)
+            return "too_long"
+        return None
 
 
 # Function words that are English and rarely anything else in ASCII text.
@@ -391,6 +513,7 @@ class LanguageFilter(CaptionRule):
         candidate_languages: Sequence[str] = DEFAULT_LANGUAGES,
         min_confidence: float = 0.5,
         fast_path_fraction: float = 0.15,
+        cache_size: int = 100_000,
     ) -> None:
         from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
 
@@ -411,25 +534,48 @@ class LanguageFilter(CaptionRule):
         self.min_confidence = min_confidence
         self.fast_path_fraction = fast_path_fraction
         self._english_fast_path = "en" in self.keep
+        self.cache_size = cache_size
+        self._cache: dict[str, tuple[str | None, float | None]] = {}
 
-    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+    def check(self, view: CaptionView) -> str | None:
+        caption = view.text
+        scores = view.scores
         if self._english_fast_path and caption.isascii():
-            words = caption.lower().split()
+            words = view.lower_words
             hits = sum(map(_ENGLISH_MARKERS.__contains__, words))
             # Three different markers: one shared word ("is" in Dutch) is not enough.
             if hits >= self.fast_path_fraction * len(words) and (
                 len(_ENGLISH_MARKERS.intersection(words)) >= 3
             ):
-                return Verdict(True, scores={"language": "en", "language_confidence": None})
-        best = self.detector.compute_language_confidence_values(caption)
-        if not best:
-            return self.reject({"language": None, "language_confidence": None})
-        top = best[0]
-        code = top.language.iso_code_639_1.name.lower()
-        scores = {"language": code, "language_confidence": round(top.value, 4)}
-        if code not in self.keep or top.value < self.min_confidence:
-            return self.reject(scores)
-        return Verdict(True, scores=scores)
+                scores["language"] = "en"
+                scores["language_confidence"] = None
+                return None
+        code, confidence = self.identify(caption)
+        scores["language"] = code
+        scores["language_confidence"] = None if confidence is None else round(confidence, 4)
+        if code is None or code not in self.keep or confidence < self.min_confidence:
+            return self.name
+        return None
+
+    def identify(self, text: str) -> tuple[str | None, float | None]:
+        """lingua's most likely language (ISO 639-1) and its confidence, cached per text.
+
+        Captioners repeat themselves, and lingua costs about 0.1 ms per caption, so the
+        answers for the last ``cache_size`` distinct texts are kept.
+        """
+        cached = self._cache.get(text)
+        if cached is not None:
+            return cached
+        best = self.detector.compute_language_confidence_values(text)
+        if best:
+            top = best[0]
+            result = (top.language.iso_code_639_1.name.lower(), top.value)
+        else:
+            result = (None, None)
+        if len(self._cache) >= self.cache_size:
+            self._cache.clear()
+        self._cache[text] = result
+        return result
 
 
 def caption_hash(caption: str | None) -> int:
@@ -459,15 +605,15 @@ class DuplicateCaptionFilter(CaptionRule):
         self.counts = counts
         self.max_copies = max_copies
 
-    def apply(self, caption: str, sample: CaptionSample) -> Verdict:
-        digest = sample.caption_hash
+    def check(self, view: CaptionView) -> str | None:
+        digest = view.sample.caption_hash
         if digest is None:
-            digest = caption_hash(sample.caption)
+            digest = caption_hash(view.sample.caption)
         copies = int(self.counts.get(digest, 1))
-        scores = {"caption_copies": copies}
+        view.scores["caption_copies"] = copies
         if copies > self.max_copies:
-            return self.reject(scores)
-        return Verdict(True, scores=scores)
+            return self.name
+        return None
 
 
 @dataclass
@@ -485,6 +631,7 @@ class CaptionRules:
 
     def __init__(self, rules: Sequence[CaptionRule]) -> None:
         self.rules = list(rules)
+        self._checks = [rule.check for rule in self.rules]
 
     @property
     def reasons(self) -> list[str]:
@@ -492,14 +639,9 @@ class CaptionRules:
 
     def decide(self, sample: CaptionSample) -> Decision:
         """Run the rules in order on ``sample.caption``; stop at the first rejection."""
-        text = sample.caption or ""
-        scores: Scores = {}
-        for rule in self.rules:
-            verdict = rule.apply(text, sample)
-            if verdict.scores:
-                scores.update(verdict.scores)
-            if verdict.caption is not None:
-                text = verdict.caption
-            if not verdict.keep:
-                return Decision(False, verdict.reason or rule.name, text, scores)
-        return Decision(True, None, text, scores)
+        view = CaptionView(sample.caption or "", sample)
+        for check in self._checks:
+            reason = check(view)
+            if reason is not None:
+                return Decision(False, reason, view.text, view.scores)
+        return Decision(True, None, view.text, view.scores)
