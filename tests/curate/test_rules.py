@@ -6,11 +6,16 @@ import pytest
 
 from recaption.caption_rules import (
     BoilerplateOpeningRewriter,
+    CaptionRule,
+    CaptionRules,
     CaptionSample,
+    CaptionView,
     DuplicateCaptionFilter,
     LanguageFilter,
+    LengthFilter,
     RefusalFilter,
     TruncationFilter,
+    Verdict,
     caption_hash,
     tail_repeats,
 )
@@ -110,3 +115,74 @@ def test_duplicate_rule_uses_run_wide_counts_case_and_spacing_insensitive():
     )
     assert DuplicateCaptionFilter(counts, max_copies=4).apply(text, CaptionSample("k", text)).keep
     assert 0 <= caption_hash(text) < 2**63
+
+
+def test_view_forgets_derived_forms_when_a_rule_rewrites_the_caption():
+    view = CaptionView("The image shows A Red Car", CaptionSample("k", ""))
+    assert view.lower_words == ["the", "image", "shows", "a", "red", "car"]
+    view.rewrite("A Red Car")
+    assert (view.lower, view.lower_words) == ("a red car", ["a", "red", "car"])
+    assert view.rewritten
+
+
+def test_chain_sees_each_rewrite_like_rules_applied_one_by_one(rules):
+    """The shared view must give every rule the caption as the rules before it left it."""
+    captions = [
+        ("The image shows  a red car\nparked next to the old tree by the road.", "stop"),
+        ("In this image, there is a dog on the sofa and a cat. The wall is", "length"),
+        ("The picture depicts le chat et la souris dans la maison ce soir.", "stop"),
+        ("This is an image of the sea, with boats and the sun and gulls over it.", "stop"),
+    ]
+    for caption, finish in captions:
+        sample = CaptionSample("k", caption, finish)
+        text, scores, expected = caption, {}, (True, None)
+        for rule in rules.rules:
+            verdict = rule.apply(text, sample)
+            scores.update(verdict.scores)
+            text = verdict.caption if verdict.caption is not None else text
+            if not verdict.keep:
+                expected = (False, verdict.reason)
+                break
+        decision = rules.decide(sample)
+        assert (decision.keep, decision.reason) == expected, caption
+        assert (decision.caption_clean, decision.scores) == (text, scores), caption
+    # The rewritten caption is what the length rule counted.
+    decision = rules.decide(CaptionSample("k", captions[0][0], "stop"))
+    assert decision.scores["n_words"] == len(decision.caption_clean.split()) == 12
+
+
+def test_rule_written_against_apply_alone_runs_in_the_chain():
+    class NoCats(CaptionRule):
+        name = "cats"
+
+        def apply(self, caption: str, sample: CaptionSample) -> Verdict:
+            if "cat" in caption:
+                return Verdict(False, scores={"cats": 1})
+            return Verdict(True, caption=caption.upper())
+
+    chain = CaptionRules([NoCats(), LengthFilter(min_words=1, min_chars=1)])
+    rejected = chain.decide(CaptionSample("k", "a cat"))
+    assert (rejected.keep, rejected.reason, rejected.scores) == (False, "cats", {"cats": 1})
+    kept = chain.decide(CaptionSample("k", "a dog"))
+    assert (kept.keep, kept.caption_clean, kept.scores["n_words"]) == (True, "A DOG", 2)
+    with pytest.raises(NotImplementedError, match="neither check nor apply"):
+        type("Empty", (CaptionRule,), {})().apply("x", CaptionSample("k", "x"))
+
+
+def test_language_rule_asks_lingua_once_per_distinct_text():
+    rule = LanguageFilter(keep_languages=["en"])
+    calls = []
+    detector = rule.detector
+
+    class Counting:
+        def compute_language_confidence_values(self, text):
+            calls.append(text)
+            return detector.compute_language_confidence_values(text)
+
+    rule.detector = Counting()
+    french = "Une voiture rouge garée dans une rue calme près de la gare."
+    first = rule.apply(french, CaptionSample("k", french))
+    second = rule.apply(french, CaptionSample("k", french))
+    assert (first.keep, first.scores) == (second.keep, second.scores)
+    assert first.scores["language"] == "fr" and not first.keep
+    assert calls == [french]
