@@ -223,7 +223,8 @@ class RepetitionFilter(CaptionRule):
             fraction = 0.0
         repeats = tail_repeats(words, self.max_period)
         scores = view.scores
-        scores["duplicate_ngram_fraction"] = round(fraction, 4)
+        # The score is rounded; the threshold compares the exact fraction.
+        scores["duplicate_ngram_fraction"] = round(fraction, 4) if fraction else 0.0
         scores["tail_repeats"] = repeats
         if fraction > self.max_fraction or repeats >= self.max_tail_repeats:
             return self.name
@@ -584,7 +585,9 @@ def caption_hash(caption: str | None) -> int:
     63 bits (a positive int64) keep the hash table small; at 12M captions the chance of any
     collision is about 1e-5.
     """
-    text = " ".join((caption or "").casefold().split())
+    text = (caption or "").casefold()
+    if not text.isprintable() or "  " in text or text[:1] == " " or text[-1:] == " ":
+        text = " ".join(text.split())  # else already single-spaced: skip the split
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
