@@ -58,7 +58,10 @@ def iter_tar_samples(path: Path) -> Iterator[RawSample]:
     Reads the tar front to back without an index, so memory stays flat however big the shard.
     Raises :class:`tarfile.TarError` (or :class:`OSError`) on a truncated or corrupt tar.
     """
-    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r|", bufsize=1 << 20) as tar:
+    # "r:" (seekable, uncompressed) rather than stream mode "r|": same front-to-back reading,
+    # but without _Stream's buffer copies it is several times faster; a member cut short still
+    # raises ReadError("unexpected end of data").
+    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         current: RawSample | None = None
         for n, member in enumerate(tar):
             if n % 1000 == 999:
