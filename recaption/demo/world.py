@@ -26,6 +26,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
@@ -33,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter
 logger = logging.getLogger(__name__)
 
 DEMO_HOST = "http://demo.invalid"
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -139,7 +140,12 @@ def _background(rng: random.Random, w: int, h: int) -> tuple[Image.Image, dict[s
         if rng.random() < 0.5:
             mask = mask.rotate(90, expand=False).resize((w, h))
         return Image.composite(b, a, mask), {"background": kind, "colour": f"{c1} to {c2}"}
-    noise = Image.effect_noise((w, h), rng.uniform(30, 80)).filter(ImageFilter.GaussianBlur(1))
+    # Seeded from the world's own generator (PIL's effect_noise is not), so a world is the same
+    # picture for picture on every machine and every run.
+    gen = np.random.default_rng(rng.getrandbits(64))
+    sigma = rng.uniform(30, 80)
+    grain = np.clip(128 + gen.normal(0, sigma, (h, w)), 0, 255).astype(np.uint8)
+    noise = Image.fromarray(grain, "L").filter(ImageFilter.GaussianBlur(1))
     tinted = Image.composite(
         Image.new("RGB", (w, h), COLOURS[c1]), Image.new("RGB", (w, h), COLOURS[c2]), noise
     )

@@ -254,3 +254,12 @@ def test_help(argv: list[str], capsys) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "KEY=VALUE" in out or "download" in out
+
+
+def test_demo_world_is_the_same_on_every_run(tmp_path: Path) -> None:
+    a = generate_world(tmp_path / "a", 40, 7)
+    b = generate_world(tmp_path / "b", 40, 7)
+    names = sorted(p.name for p in a.files.iterdir())
+    assert names == sorted(p.name for p in b.files.iterdir())
+    assert all((a.files / n).read_bytes() == (b.files / n).read_bytes() for n in names)
+    assert pq.read_table(a.metadata).equals(pq.read_table(b.metadata))
