@@ -15,7 +15,8 @@ single process on a CPU-only machine, so there use ``accelerate launch --multi_g
 train CONFIG``.
 
 Data is streamed from ``run_dir/dataset/webdataset/*.tar``. Every epoch is one deterministic
-stream of samples (seeded shard order and shuffle buffer); sample ``i`` of the stream belongs
+stream of samples (seeded shard order, each shard read in key order, seeded shuffle buffer),
+the same however the tars order their members; sample ``i`` of the stream belongs
 to process ``i % world_size``. A checkpoint records the stream position, so a resumed run,
 even with another number of processes, continues where the last checkpoint left off. Each
 process reads the tar bytes of every shard but decodes only its own samples.
@@ -38,6 +39,7 @@ import random
 import re
 import shutil
 import signal
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -53,6 +55,7 @@ from tqdm.auto import tqdm
 from recaption.config import RunConfig, TrainConfig, fingerprint
 from recaption.demo.models import resolve_model
 from recaption.ledger import ShardLedger, StageSummary, write_json_atomic
+from recaption.shards import split_member_name
 from recaption.stages import StageContext
 
 logger = logging.getLogger(__name__)
@@ -141,11 +144,48 @@ class StreamPosition:
 
 
 def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """Samples of one webdataset tar as dicts of raw bytes (``__key__``, ``jpg``, ...)."""
-    import webdataset as wds
+    """Samples of one webdataset tar as dicts of raw bytes (``__key__``, ``jpg``, ...), in
+    key order.
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
-    yield from pipeline
+    Key order, not tar order: img2dataset writes each shard's samples in the order their
+    downloads finish, which changes from run to run, and merge keeps that order; so two runs
+    of one config hold the same samples in differently ordered tars. Reading by key makes the
+    training stream (and so the loss) a function of the samples alone. Only the member
+    headers are indexed first; the bytes of one sample are read at a time.
+
+    A truncated or corrupt tar yields every sample it holds in full, then raises
+    :class:`tarfile.TarError` (or :class:`OSError`).
+    """
+    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        members: dict[str, list[tarfile.TarInfo]] = {}
+        error: Exception | None = None
+        last_key = None
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                if key.startswith(".") or "/." in key or not ext:
+                    continue
+                members.setdefault(key, []).append(member)
+                last_key = key
+        except (tarfile.TarError, OSError) as exc:
+            error = exc
+            members.pop(last_key, None)  # its later members may be missing
+        for key in sorted(members):
+            sample: dict[str, Any] = {"__key__": key, "__url__": str(path)}
+            try:
+                for member in members[key]:
+                    handle = tar.extractfile(member)
+                    sample[split_member_name(member.name)[1]] = (
+                        handle.read() if handle is not None else b""
+                    )
+            except (tarfile.TarError, OSError) as exc:  # this sample's bytes are cut short
+                error = error or exc
+                continue
+            yield sample
+    if error is not None:
+        raise error
 
 
 def preprocess_image(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -70,6 +71,42 @@ def test_a_truncated_shard_is_reported_and_training_goes_on(
     assert read_state(trained)["shard_errors"][0].startswith("00002: ")
     # ...but training finished and the pipeline was written
     assert (trained.koala_dir / "pipeline" / "model_index.json").exists()
+
+
+def test_member_order_inside_a_tar_does_not_change_the_training_stream(tmp_path: Path) -> None:
+    """img2dataset writes samples in download-completion order, so two runs of one config can
+    hold the same samples in differently ordered tars; training must see the same stream."""
+    import tarfile
+
+    from recaption.config import TrainConfig
+    from tests.koala.conftest import write_shard
+
+    in_order = tmp_path / "a" / "00000.tar"
+    in_order.parent.mkdir()
+    keys = write_shard(in_order, 8, seed=0)
+    shuffled = tmp_path / "b" / "00000.tar"
+    shuffled.parent.mkdir()
+    with tarfile.open(in_order) as src, tarfile.open(shuffled, "w") as dst:
+        members = src.getmembers()
+        order = keys[3:] + keys[:3]  # another order of the same samples
+        for key in order[::-1]:
+            for m in members:
+                if m.name.startswith(f"{key}."):
+                    dst.addfile(m, src.extractfile(m))
+    with tarfile.open(shuffled) as a, tarfile.open(in_order) as b:
+        assert a.getnames() != b.getnames()
+
+    assert [s["__key__"] for s in train_stage._read_shard(shuffled)] == sorted(keys)
+    cfg = TrainConfig(resolution=32, shuffle_buffer=3, seed=7)
+
+    def stream(path: Path) -> list[tuple[str, list[float]]]:
+        samples = train_stage.TrainingSamples(
+            [path], cfg, rank=0, world_size=1, start=train_stage.StreamPosition()
+        )
+        items = itertools.islice(iter(samples), 12)  # an epoch and a half
+        return [(s["caption"], s["pixel_values"].mean(dim=(1, 2)).tolist()) for s in items]
+
+    assert stream(shuffled) == stream(in_order)
 
 
 @pytest.fixture(scope="module")
