@@ -205,11 +205,36 @@ def test_long_and_non_ascii_keys_keep_their_names_and_bytes(tmp_path, curate):
     with tarfile.open(out) as tar:
         names = [m.name for m in tar]
         jpgs = {m.name[:-4]: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
-    assert names == [f"{k}.{ext}" for k in keys for ext in ("jpg", "txt", "json")]
+    # Samples in key order (the metadata's order), members in jpg, txt, json order.
+    assert names == [f"{k}.{ext}" for k in sorted(keys) for ext in ("jpg", "txt", "json")]
     assert jpgs == source
     samples = list(wds.WebDataset(str(out), shardshuffle=False))
-    assert [s["__key__"] for s in samples] == keys
+    assert [s["__key__"] for s in samples] == sorted(keys)
     assert all(s["jpg"] == source[s["__key__"]] for s in samples)
+
+
+def test_merged_order_does_not_depend_on_the_download_order(tmp_path, curate):
+    """img2dataset writes samples as its threads finish; the merged shard is sorted by key."""
+    keys = [f"00000{i:04d}" for i in range(6)]
+    samples = [
+        curate.sample(
+            k, curate.GOOD[i % len(curate.GOOD)] + f" Number {i}.", image=curate.jpeg_bytes(i)
+        )
+        for i, k in enumerate(keys)
+    ]
+    by_key = dict(zip(keys, samples, strict=True))
+    outputs = []
+    for name, order in (("a", keys), ("b", keys[::-1])):
+        run_dir = tmp_path / name
+        curate.write_shard(run_dir, "00000", [by_key[k] for k in order])
+        config = load_config(curate.write_config(run_dir))
+        assert _filter_and_merge(config).ok
+        with tarfile.open(config.dataset_dir / "webdataset" / "00000.tar") as tar:
+            outputs.append(
+                [(m.name, tar.extractfile(m).read()) for m in tar if not m.name.endswith(".json")]
+            )
+    assert [name for name, _ in outputs[0]][::2] == [f"{k}.jpg" for k in keys]
+    assert outputs[0] == outputs[1]
 
 
 def test_two_ranks_the_last_one_to_finish_writes_the_card(run_inputs):
