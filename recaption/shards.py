@@ -83,6 +83,49 @@ def iter_tar_samples(path: Path) -> Iterator[RawSample]:
             yield current
 
 
+def iter_samples_by_key(path: Path) -> Iterator[RawSample]:
+    """The samples of a webdataset tar in key order, not tar order.
+
+    img2dataset writes a shard's samples in the order its download threads finish, which
+    changes from run to run; reading by key makes everything downstream (the merged dataset,
+    the training stream) a function of the samples alone. Only the member headers are indexed
+    first (data is skipped); then one sample's bytes are read at a time.
+
+    A truncated or corrupt tar yields every sample it holds in full, then raises
+    :class:`tarfile.TarError` (or :class:`OSError`).
+    """
+    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        members: dict[str, list[tarfile.TarInfo]] = {}
+        error: Exception | None = None
+        last_key = None
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                if key.startswith(".") or "/." in key or not ext:
+                    continue
+                members.setdefault(key, []).append(member)
+                last_key = key
+        except (tarfile.TarError, OSError) as exc:
+            error = exc
+            members.pop(last_key, None)  # its later members may be missing
+        for key in sorted(members):
+            sample = RawSample(key)
+            try:
+                for member in members[key]:
+                    handle = tar.extractfile(member)
+                    sample.members[split_member_name(member.name)[1]] = (
+                        handle.read() if handle is not None else b""
+                    )
+            except (tarfile.TarError, OSError) as exc:  # this sample's bytes are cut short
+                error = error or exc
+                continue
+            yield sample
+    if error is not None:
+        raise error
+
+
 def expected_keys(images_dir: Path, shard: str) -> set[str] | None:
     """Keys img2dataset's ``{shard}.parquet`` says it wrote to the tar, or None if unknown."""
     path = images_dir / f"{shard}.parquet"

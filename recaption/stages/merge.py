@@ -51,7 +51,7 @@ from recaption.ledger import (
     atomic_path,
     list_shards,
 )
-from recaption.shards import expected_keys, split_member_name
+from recaption.shards import expected_keys, iter_samples_by_key
 from recaption.stages import StageContext
 from recaption.stages.filter import SCORE_COLUMNS, file_signature
 
@@ -109,12 +109,10 @@ def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
 
 
 def iter_image_samples(path: Path, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {extension: bytes})`` for each sample of an image shard, sorted by key.
+    """Yield ``(key, {extension: bytes})`` for each sample of an image shard, in key order.
 
-    img2dataset writes samples in the order its download threads finish, which differs from
-    run to run; merging in key order (the metadata's order) makes the published dataset and the
-    training stream the same whatever the download's timing. The tar's headers are read first
-    (cheap: data is skipped), then each sample's members in key order.
+    Key order, not tar order (:func:`recaption.shards.iter_samples_by_key`): the published
+    dataset must not depend on the order img2dataset's download threads finished in.
 
     A tar cut inside a member, or corrupt, raises :class:`ShardError`. A tar cut exactly between
     members reads as a shorter valid tar, so its keys are checked against the downloads
@@ -122,37 +120,21 @@ def iter_image_samples(path: Path, shard: str) -> Iterator[tuple[str, dict[str, 
     and raises :class:`ShardError` too.
     """
     rerun = "rerun `recaption download` for this shard"
-    current: str | None = None
+    seen: set[str] = set()
     try:
-        with path.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            members: dict[str, list[tuple[str, tarfile.TarInfo]]] = {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                if key.startswith(".") or "/." in key or not ext:
-                    continue
-                members.setdefault(key, []).append((ext, member))
-            expected = expected_keys(path.parent, shard)
-            if expected is not None and not expected <= members.keys():
-                missing = sorted(expected - members.keys())
-                raise ShardError(
-                    f"image shard {shard}: {path} holds {len(members)} samples but "
-                    f"{shard}.parquet lists {len(expected)} successful downloads "
-                    f"({len(missing)} missing, e.g. {missing[0]!r}): the tar is probably "
-                    f"truncated; {rerun}"
-                )
-            for key in sorted(members):
-                current = key
-                files = {}
-                for ext, member in members[key]:
-                    handle = tar.extractfile(member)
-                    files[ext] = handle.read() if handle is not None else b""
-                yield key, files
+        for sample in iter_samples_by_key(path):
+            seen.add(sample.key)
+            yield sample.key, sample.members
     except (tarfile.TarError, OSError) as exc:
+        raise ShardError(f"image shard {shard}: {path} is unreadable ({exc}); {rerun}") from exc
+    expected = expected_keys(path.parent, shard)
+    if expected is not None and not expected <= seen:
+        missing = sorted(expected - seen)
         raise ShardError(
-            f"image shard {shard}: {path} is unreadable at sample {current!r} ({exc}); {rerun}"
-        ) from exc
+            f"image shard {shard}: {path} holds {len(seen)} samples but {shard}.parquet lists "
+            f"{len(expected)} successful downloads ({len(missing)} missing, e.g. {missing[0]!r}):"
+            f" the tar is probably truncated; {rerun}"
+        )
 
 
 def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None) -> dict[str, Any]:

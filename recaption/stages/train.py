@@ -39,7 +39,6 @@ import random
 import re
 import shutil
 import signal
-import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -55,7 +54,7 @@ from tqdm.auto import tqdm
 from recaption.config import RunConfig, TrainConfig, fingerprint
 from recaption.demo.models import resolve_model
 from recaption.ledger import ShardLedger, StageSummary, write_json_atomic
-from recaption.shards import split_member_name
+from recaption.shards import iter_samples_by_key
 from recaption.stages import StageContext
 
 logger = logging.getLogger(__name__)
@@ -144,48 +143,11 @@ class StreamPosition:
 
 
 def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """Samples of one webdataset tar as dicts of raw bytes (``__key__``, ``jpg``, ...), in
-    key order.
-
-    Key order, not tar order: img2dataset writes each shard's samples in the order their
-    downloads finish, which changes from run to run, and merge keeps that order; so two runs
-    of one config hold the same samples in differently ordered tars. Reading by key makes the
-    training stream (and so the loss) a function of the samples alone. Only the member
-    headers are indexed first; the bytes of one sample are read at a time.
-
-    A truncated or corrupt tar yields every sample it holds in full, then raises
-    :class:`tarfile.TarError` (or :class:`OSError`).
-    """
-    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        members: dict[str, list[tarfile.TarInfo]] = {}
-        error: Exception | None = None
-        last_key = None
-        try:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                if key.startswith(".") or "/." in key or not ext:
-                    continue
-                members.setdefault(key, []).append(member)
-                last_key = key
-        except (tarfile.TarError, OSError) as exc:
-            error = exc
-            members.pop(last_key, None)  # its later members may be missing
-        for key in sorted(members):
-            sample: dict[str, Any] = {"__key__": key, "__url__": str(path)}
-            try:
-                for member in members[key]:
-                    handle = tar.extractfile(member)
-                    sample[split_member_name(member.name)[1]] = (
-                        handle.read() if handle is not None else b""
-                    )
-            except (tarfile.TarError, OSError) as exc:  # this sample's bytes are cut short
-                error = error or exc
-                continue
-            yield sample
-    if error is not None:
-        raise error
+    """Samples of one webdataset tar as dicts of raw bytes (``__key__``, ``jpg``, ...), in key
+    order (see :func:`recaption.shards.iter_samples_by_key`: the training stream, and so the
+    loss, must not depend on the order img2dataset's threads wrote the samples in)."""
+    for sample in iter_samples_by_key(path):
+        yield {"__key__": sample.key, "__url__": str(path), **sample.members}
 
 
 def preprocess_image(
