@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import tarfile
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,7 +167,8 @@ def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None
     rows: list[dict[str, Any]] = []
     images_bytes: list[bytes] = []
     n_without_caption = 0
-    mtime = int(time.time())
+    # The source shard's time, not now: merging the same inputs twice gives the same bytes.
+    mtime = int(images.stat().st_mtime)
     out_tar = (
         ledger.output_path(shard, ".tar") if ledger else config.stage_dir(STAGE) / f"{shard}.tar"
     )
