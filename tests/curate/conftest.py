@@ -21,22 +21,8 @@ import yaml
 from PIL import Image
 
 from recaption.config import RunConfig, load_config
+from recaption.stages.caption import CAPTION_SCHEMA
 
-CAPTION_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("caption", pa.string()),
-        ("original_text", pa.string()),
-        ("model", pa.string()),
-        ("revision", pa.string()),
-        ("prompt", pa.string()),
-        ("n_prompt_tokens", pa.int32()),
-        ("n_new_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-    ]
-)
 PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 
 GOOD = [
