@@ -117,12 +117,12 @@ def bench_train_step(steps: int, batch: int) -> None:
     """Benchmark 2: tiny distillation step vs plain fine-tune step, same process."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
+    from recaption.demo.tiny_models import build_tiny_sdxl
     from recaption.models.koala import (
         SelfAttentionFeatures,
         aligned_self_attention_pairs,
         init_student_from_teacher,
     )
-    from recaption.models.sdxl import build_tiny_sdxl
     from recaption.stages.train import distillation_step
 
     print(
@@ -201,7 +201,7 @@ def sdxl_pipeline(unet_config: dict[str, Any], device: str) -> Any:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from recaption.models.sdxl import build_tiny_clip_tokenizer
+    from recaption.demo.tiny_models import build_tiny_clip_tokenizer
 
     dtype = torch.float16
     text_1 = CLIPTextConfig(

@@ -22,10 +22,10 @@ DEMO_PREFIX = "demo:"
 
 # name -> ("module:function", keyword arguments); each builder is ``fn(path: Path, **kw)``.
 BUILDERS: dict[str, tuple[str, dict[str, str]]] = {
-    "tiny-llava-1.5": ("recaption.models.llava:build_tiny_llava", {"variant": "llava-1.5"}),
-    "tiny-llava-next": ("recaption.models.llava:build_tiny_llava", {"variant": "llava-next"}),
-    "tiny-clip": ("recaption.models.clip:build_tiny_clip", {}),
-    "tiny-sdxl": ("recaption.models.sdxl:build_tiny_sdxl", {}),
+    "tiny-llava-1.5": ("recaption.demo.tiny_models:build_tiny_llava", {"variant": "llava-1.5"}),
+    "tiny-llava-next": ("recaption.demo.tiny_models:build_tiny_llava", {"variant": "llava-next"}),
+    "tiny-clip": ("recaption.demo.tiny_models:build_tiny_clip", {}),
+    "tiny-sdxl": ("recaption.demo.tiny_models:build_tiny_sdxl", {}),
 }
 
 

@@ -3,10 +3,8 @@
 The score is the cosine similarity of the image and text embeddings times 100, the number
 CLIP-filtered datasets (LAION's ``similarity`` column is the same cosine, unscaled) and the
 CLIPScore paper (Hessel et al., 2021) report. Texts longer than CLIP's 77 tokens are truncated,
-as CLIP itself does.
-
-``build_tiny_clip`` makes a randomly initialised CLIP with a tokenizer built on the spot, for
-the demo (``demo:tiny-clip``) and the tests; it loads back through the same ``from_pretrained``
+as CLIP itself does. The tiny CLIP of the demo (``demo:tiny-clip``,
+:func:`recaption.demo.tiny_models.build_tiny_clip`) loads through the same ``from_pretrained``
 path as ``openai/clip-vit-large-patch14``.
 """
 
@@ -14,86 +12,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 logger = logging.getLogger(__name__)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1))
-    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-def build_tiny_clip(path: Path) -> Path:
-    """Build a tiny random ``CLIPModel`` + ``CLIPProcessor`` and ``save_pretrained`` them.
-
-    The tokenizer is CLIP's own byte-level BPE with a character-level vocabulary (every byte,
-    alone and as a word end, and a few merges), so any text, emoji and right-to-left scripts
-    included, tokenizes without an unknown token.
-    """
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-    )
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for token in chars + [c + "</w>" for c in chars]:
-        vocab.setdefault(token, len(vocab))
-    merges = ["t h", "th e</w>", "a n", "an d</w>", "o n</w>", "i n</w>", "o f</w>"]
-    for merge in merges:
-        vocab.setdefault(merge.replace(" ", ""), len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges])
-    tokenizer.model_max_length = 77
-
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "bos_token_id": vocab["<|startoftext|>"],
-            "eos_token_id": vocab["<|endoftext|>"],
-            "pad_token_id": vocab["<|endoftext|>"],
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    model = CLIPModel(config)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    model.save_pretrained(path)
-    return path
 
 
 class ClipScorer:

@@ -49,9 +49,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Parameter counts of the model card's table, in millions (rounded as the card rounds them).
-MODEL_CARD_PARAMS_M: dict[str, int] = {"sdxl": 2567, "koala-1b": 1161, "koala-700m": 782}
-
 _UP_LAYER = re.compile(r"^(up_blocks\.\d+\.(?:resnets|attentions))\.(\d+)\.")
 _SELF_ATTENTION = re.compile(r"\.transformer_blocks\.\d+\.attn1$")
 
