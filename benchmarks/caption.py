@@ -118,9 +118,10 @@ def model_only_images_per_s(config_path: Path) -> tuple[float, int]:
     """Generate over the same batches with inputs decoded and preprocessed beforehand."""
     from recaption.config import load_config
     from recaption.demo.models import resolve_model
-    from recaption.ledger import ShardLedger, list_shards
+    from recaption.ledger import list_shards
     from recaption.models.llava import load_captioner
     from recaption.shards import iter_tar_samples
+    from recaption.signals import StopSignals
     from recaption.stages.caption import ShardBatches, ShardCaptioner
 
     config = load_config(config_path)
@@ -128,8 +129,7 @@ def model_only_images_per_s(config_path: Path) -> tuple[float, int]:
     captioner = load_captioner(
         resolve_model(config, section.model), dtype=section.dtype, device=section.device or "cpu"
     )
-    ledger = ShardLedger("caption", Path(tempfile.mkdtemp()), {})
-    worker = ShardCaptioner(config, captioner, ledger)
+    worker = ShardCaptioner(config, captioner, Path(tempfile.mkdtemp()), StopSignals())
     batches = []
     for shard in list_shards(config.images_dir, "_stats.json"):
         tar = config.images_dir / f"{shard}.tar"

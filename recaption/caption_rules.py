@@ -8,9 +8,12 @@ caption, the cleaned text. :class:`CaptionRules` runs them in order; the first r
 and the scores of every rule that ran are recorded, so the stats can count reasons and the
 report can show distributions.
 
-Rules that need the whole run (exact duplicates across shards, CLIP percentiles) get their
-run-level inputs passed in (a hash-count table, a threshold); computing those is the filter
-stage's job (:mod:`recaption.stages.filter`).
+Every rule declares its score columns (``score_columns``, collected into the filtered
+schema by :mod:`recaption.schemas`) and how the filter config builds it (``from_config``);
+:data:`RULES` is the chain's order, so a new rule is its class plus one line there (and its
+keys in ``FilterConfig``). Rules that need the whole run (exact duplicates across shards, CLIP
+scores and percentiles) get their run-level inputs as a :class:`RunInputs`; computing those
+is the filter stage's job.
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ import hashlib
 import html
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from recaption.config import FilterConfig
 
 # Scores are numbers, or short strings such as a language code.
 Scores = dict[str, Any]
@@ -48,8 +56,19 @@ class Verdict:
     caption: str | None = None  # the cleaned caption, when the rule rewrote it
 
 
-# The verdict of a rule that keeps a caption as it is and records nothing (never mutated).
-KEEP = Verdict(True)
+@dataclass
+class RunInputs:
+    """What rules that need the whole run are given, computed by the filter stage first.
+
+    ``duplicate_counts`` maps :func:`caption_hash` to copies over every caption shard (only
+    counts above 1); ``clip_scores(shard)`` returns ``key -> (clip_score,
+    clip_score_original)`` for a shard's ok captions; ``clip_threshold`` is the minimum
+    CLIP score (set directly, or the run-wide percentile).
+    """
+
+    duplicate_counts: Mapping[int, int] | None = None
+    clip_scores: Callable[[str], Mapping[str, tuple[float, float]]] | None = None
+    clip_threshold: float | None = None
 
 
 class CaptionView:
@@ -104,6 +123,23 @@ class CaptionRule:
     """
 
     name: str = "rule"
+    # The columns this rule writes into ``view.scores``, with their parquet types.
+    score_columns: ClassVar[dict[str, pa.DataType]] = {}
+    # True for rules whose inputs span the whole run (built by the filter stage first).
+    needs_run: ClassVar[bool] = False
+    # True for rules that record their scores even for a caption an earlier rule rejected.
+    scores_rejected: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> CaptionRule | None:
+        """The rule as ``section`` configures it, or ``None`` when the config turns it off."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to build it from a config")
+
+    def begin_shard(self, shard: str) -> None:
+        """Load what the rule needs for one shard (per-shard scores); most rules need none."""
+
+    def annotate(self, view: CaptionView) -> None:
+        """Record this rule's scores without deciding (``scores_rejected`` rules)."""
 
     def check(self, view: CaptionView) -> str | None:
         """Decide ``view.text``: ``None`` keeps it, a string is the rejection reason."""
@@ -124,9 +160,6 @@ class CaptionRule:
         reason = self.check(view)
         return Verdict(reason is None, reason, view.scores, view.text if view.rewritten else None)
 
-    def reject(self, scores: Scores | None = None, reason: str | None = None) -> Verdict:
-        return Verdict(False, reason or self.name, scores or {})
-
 
 # -- cleaning -------------------------------------------------------------------------------
 _TAG = re.compile(r"<[^<>]{0,200}>")
@@ -142,6 +175,10 @@ class TextNormaliser(CaptionRule):
     """
 
     name = "normalise"
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> TextNormaliser:
+        return cls()
 
     def check(self, view: CaptionView) -> str | None:
         text = caption = view.text
@@ -178,6 +215,10 @@ class EmptyCaptionFilter(CaptionRule):
 
     name = "empty"
 
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> EmptyCaptionFilter:
+        return cls()
+
     def check(self, view: CaptionView) -> str | None:
         caption = view.text
         if not caption or _WORD.search(caption) is None:
@@ -196,6 +237,18 @@ class RepetitionFilter(CaptionRule):
     """
 
     name = "repetition"
+    score_columns: ClassVar[dict[str, pa.DataType]] = {
+        "duplicate_ngram_fraction": pa.float32(),
+        "tail_repeats": pa.int32(),
+    }
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> RepetitionFilter:
+        return cls(
+            ngram_size=section.ngram_size,
+            max_duplicate_ngram_fraction=section.max_duplicate_ngram_fraction,
+            max_tail_repeats=section.max_tail_repeats,
+        )
 
     def __init__(
         self,
@@ -280,6 +333,11 @@ class TruncationFilter(CaptionRule):
     """
 
     name = "truncated"
+    score_columns: ClassVar[dict[str, pa.DataType]] = {"trimmed_chars": pa.int32()}
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> TruncationFilter:
+        return cls(mode=section.truncated)
 
     def __init__(self, mode: str = "trim") -> None:
         if mode not in ("trim", "drop"):
@@ -332,6 +390,10 @@ class RefusalFilter(CaptionRule):
     """
 
     name = "refusal"
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> RefusalFilter:
+        return cls(phrases=section.refusal_phrases)
 
     def __init__(self, phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES) -> None:
         self.phrases = [p.lower().replace("’", "'") for p in phrases if p.strip()]
@@ -392,6 +454,15 @@ class BoilerplateOpeningRewriter(CaptionRule):
     """
 
     name = "boilerplate"
+    score_columns: ClassVar[dict[str, pa.DataType]] = {"boilerplate_opening": pa.bool_()}
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> BoilerplateOpeningRewriter:
+        openings = section.boilerplate_openings
+        return cls(
+            mode=section.boilerplate,
+            openings=DEFAULT_BOILERPLATE_OPENINGS if openings is None else openings,
+        )
 
     def __init__(
         self, mode: str = "rewrite", openings: Sequence[str] = DEFAULT_BOILERPLATE_OPENINGS
@@ -431,6 +502,19 @@ class LengthFilter(CaptionRule):
     """
 
     name = "length"
+    score_columns: ClassVar[dict[str, pa.DataType]] = {
+        "n_words": pa.int32(),
+        "n_chars": pa.int32(),
+    }
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> LengthFilter:
+        return cls(
+            min_words=section.min_words,
+            max_words=section.max_words,
+            min_chars=section.min_chars,
+            max_chars=section.max_chars,
+        )
 
     def __init__(
         self,
@@ -507,6 +591,20 @@ class LanguageFilter(CaptionRule):
     """
 
     name = "language"
+    score_columns: ClassVar[dict[str, pa.DataType]] = {
+        "language": pa.string(),
+        "language_confidence": pa.float32(),
+    }
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> LanguageFilter | None:
+        if not section.keep_languages:
+            return None
+        return cls(
+            keep_languages=section.keep_languages,
+            candidate_languages=section.candidate_languages,
+            min_confidence=section.min_language_confidence,
+        )
 
     def __init__(
         self,
@@ -603,6 +701,14 @@ class DuplicateCaptionFilter(CaptionRule):
     """
 
     name = "duplicate"
+    score_columns: ClassVar[dict[str, pa.DataType]] = {"caption_copies": pa.int32()}
+    needs_run = True
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> DuplicateCaptionFilter | None:
+        if section.max_duplicate_copies is None or inputs.duplicate_counts is None:
+            return None
+        return cls(inputs.duplicate_counts, section.max_duplicate_copies)
 
     def __init__(self, counts: Mapping[int, int], max_copies: int = 3) -> None:
         self.counts = counts
@@ -617,6 +723,94 @@ class DuplicateCaptionFilter(CaptionRule):
         if copies > self.max_copies:
             return self.name
         return None
+
+
+class ClipScoreFilter(CaptionRule):
+    """Record the CLIP scores of the synthetic caption and the alt-text; reject below a bound.
+
+    CLIP score (Hessel et al., 2021: ``max(100 · cos(image, text), 0)``) measures how well a
+    text matches its image; LAION itself was filtered on CLIP similarity. Scores are computed
+    per shard in batches by the filter stage (the rule only looks them up) and recorded for
+    every ok caption, rejected ones included, so the report can compare both captions over
+    the whole run. With a threshold (``filter.min_clip_score`` or the run-wide
+    ``filter.min_clip_percentile``), a kept caption scoring below it, or without a score
+    (its image did not decode), is rejected as ``clip_score``.
+    """
+
+    name = "clip_score"
+    score_columns: ClassVar[dict[str, pa.DataType]] = {
+        "clip_score": pa.float32(),
+        "clip_score_original": pa.float32(),
+    }
+    needs_run = True
+    scores_rejected = True
+
+    def __init__(
+        self,
+        scores_for_shard: Callable[[str], Mapping[str, tuple[float, float]]],
+        threshold: float | None = None,
+    ) -> None:
+        self.scores_for_shard = scores_for_shard
+        self.threshold = threshold
+        self._scores: Mapping[str, tuple[float, float]] = {}
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> ClipScoreFilter | None:
+        if section.clip_model is None or inputs.clip_scores is None:
+            return None
+        return cls(inputs.clip_scores, inputs.clip_threshold)
+
+    def begin_shard(self, shard: str) -> None:
+        self._scores = self.scores_for_shard(shard)
+
+    def annotate(self, view: CaptionView) -> tuple[float, float] | None:
+        pair = self._scores.get(view.sample.key)
+        if pair is not None:
+            view.scores["clip_score"], view.scores["clip_score_original"] = pair
+        return pair
+
+    def check(self, view: CaptionView) -> str | None:
+        pair = self.annotate(view)
+        if self.threshold is not None and (pair is None or pair[0] < self.threshold):
+            return self.name
+        return None
+
+
+# The rule chain, in the order rules run. A new rule is its class and one line here.
+RULES: tuple[type[CaptionRule], ...] = (
+    TextNormaliser,
+    EmptyCaptionFilter,
+    RepetitionFilter,
+    TruncationFilter,
+    RefusalFilter,
+    BoilerplateOpeningRewriter,
+    LengthFilter,
+    LanguageFilter,
+    DuplicateCaptionFilter,
+    ClipScoreFilter,
+)
+
+
+def score_columns() -> dict[str, pa.DataType]:
+    """Every score column the rules declare, with its type, in rule order."""
+    columns: dict[str, pa.DataType] = {}
+    for rule in RULES:
+        for name, dtype in rule.score_columns.items():
+            if name in columns:
+                raise ValueError(f"score column {name!r} is declared by two rules")
+            columns[name] = dtype
+    return columns
+
+
+def build_rules(section: FilterConfig, inputs: RunInputs | None = None) -> CaptionRules:
+    """The rule chain ``section`` asks for, in :data:`RULES` order.
+
+    Without ``inputs`` the run-wide rules (duplicates, CLIP) are left out: that is enough to
+    validate the config before any work.
+    """
+    inputs = inputs or RunInputs()
+    rules = [rule.from_config(section, inputs) for rule in RULES]
+    return CaptionRules([r for r in rules if r is not None])
 
 
 @dataclass
@@ -635,16 +829,23 @@ class CaptionRules:
     def __init__(self, rules: Sequence[CaptionRule]) -> None:
         self.rules = list(rules)
         self._checks = [rule.check for rule in self.rules]
+        self._annotators = [
+            (i, rule.annotate) for i, rule in enumerate(self.rules) if rule.scores_rejected
+        ]
 
-    @property
-    def reasons(self) -> list[str]:
-        return [r.name for r in self.rules]
+    def begin_shard(self, shard: str) -> None:
+        """Let every rule load what it needs for ``shard`` (per-shard CLIP scores)."""
+        for rule in self.rules:
+            rule.begin_shard(shard)
 
     def decide(self, sample: CaptionSample) -> Decision:
         """Run the rules in order on ``sample.caption``; stop at the first rejection."""
         view = CaptionView(sample.caption or "", sample)
-        for check in self._checks:
+        for position, check in enumerate(self._checks):
             reason = check(view)
             if reason is not None:
+                for index, annotate in self._annotators:
+                    if index > position:
+                        annotate(view)
                 return Decision(False, reason, view.text, view.scores)
         return Decision(True, None, view.text, view.scores)

@@ -4,8 +4,9 @@
 order; ``recaption status CONFIG`` shows where a run stands. ``KEY=VALUE`` overrides a config
 value by its dotted path (``run_dir=/tmp/r``, ``download.processes=4``).
 
-Exit status: 0 when every shard succeeded, 1 when any shard failed, 2 for a config or usage
-error (nothing was touched), 3 when a stop signal interrupted the stage (rerun to finish).
+Exit status: 0 when every shard succeeded, 1 when any shard failed or a stage broke after it
+started (the traceback is in the log), 2 for a config or input error found at start-up
+(nothing was processed), 3 when a stop signal interrupted the stage (rerun to finish).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from recaption import __version__
-from recaption.config import STAGE_NAMES, ConfigError, RunConfig, load_config
+from recaption.config import ConfigError, RunConfig, load_config
 
 logger = logging.getLogger("recaption")
 
@@ -60,7 +61,9 @@ def _add_common(p: argparse.ArgumentParser, *, workers: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``recaption`` and all its subcommands."""
-    from recaption.stages import STAGE_HELP
+    from recaption.stages import STAGE_HELP, STAGES
+
+    stage_names = list(STAGES)
 
     parser = argparse.ArgumentParser(
         prog="recaption",
@@ -70,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"recaption {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in STAGE_NAMES:
-        p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
+    for name in stage_names:
+        text = STAGE_HELP.get(name, "")
+        p = sub.add_parser(name, help=text, description=text)
         _add_common(p)
     p = sub.add_parser(
         "run",
@@ -80,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stopping at the first stage that fails.",
     )
     _add_common(p)
-    p.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, default=STAGE_NAMES[0])
-    p.add_argument("--to", dest="to_stage", choices=STAGE_NAMES, default=STAGE_NAMES[-1])
+    p.add_argument("--from", dest="from_stage", choices=stage_names, default=stage_names[0])
+    p.add_argument("--to", dest="to_stage", choices=stage_names, default=stage_names[-1])
     p = sub.add_parser(
         "status", help="per stage: shards done / failed / pending, samples ok / failed"
     )
@@ -115,9 +119,9 @@ def ensure_run_dir(config: RunConfig) -> None:
 
 def run_stage(name: str, config: RunConfig, rank: int, world_size: int, overwrite: bool) -> int:
     """Run one stage and turn its summary into an exit status."""
-    from recaption.stages import StageContext, stage_runner
+    from recaption.stages import StageContext, run
 
-    summary = stage_runner(name)(StageContext(config, rank, world_size, overwrite))
+    summary = run(name, StageContext(config, rank, world_size, overwrite))
     for message in summary.messages:
         logger.info("%s", message)
     (logger.info if summary.ok else logger.error)("%s", summary.describe())
@@ -128,10 +132,13 @@ def run_stage(name: str, config: RunConfig, rank: int, world_size: int, overwrit
 
 def run_pipeline(config: RunConfig, args: argparse.Namespace, rank: int, world_size: int) -> int:
     """``recaption run``: the stages from ``--from`` to ``--to``, stopping at the first failure."""
-    first, last = STAGE_NAMES.index(args.from_stage), STAGE_NAMES.index(args.to_stage)
+    from recaption.stages import STAGES
+
+    names = list(STAGES)
+    first, last = names.index(args.from_stage), names.index(args.to_stage)
     if first > last:
         raise ConfigError(f"--from {args.from_stage} comes after --to {args.to_stage}")
-    for name in STAGE_NAMES[first : last + 1]:
+    for name in names[first : last + 1]:
         logger.info("=== stage %s ===", name)
         code = run_stage(name, config, rank, world_size, args.overwrite)
         if code != EXIT_OK:
@@ -155,18 +162,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recaption`` console script."""
     from recaption.distributed import resolve_rank
     from recaption.logs import setup_logging
+    from recaption.stages import STAGES
 
     args = build_parser().parse_args(argv)
     verbosity = args.verbose - args.quiet
     try:
         rank, world_size = (0, 1)
         if hasattr(args, "rank"):
-            rank, world_size = resolve_rank(args.rank, args.world_size)
+            try:
+                rank, world_size = resolve_rank(args.rank, args.world_size)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         setup_logging(verbosity, rank if world_size > 1 else None)
         config = load_config(args.config, args.overrides)
-        if args.command in (*STAGE_NAMES, "run"):
+        if args.command in (*STAGES, "run"):
             ensure_run_dir(config)
-        if args.command in STAGE_NAMES:
+        if args.command in STAGES:
             return run_stage(args.command, config, rank, world_size, args.overwrite)
         if args.command == "run":
             return run_pipeline(config, args, rank, world_size)
@@ -192,10 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             publish_dataset(config, args.repo_id, private=args.private, dry_run=args.dry_run)
             return EXIT_OK
-    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        logging.getLogger("recaption").error("%s", exc)
-        return EXIT_USAGE
-    except RuntimeError as exc:  # ConfigMismatchError and start-up checks of stages
-        logging.getLogger("recaption").error("%s", exc)
-        return EXIT_USAGE
+    except Exception as exc:
+        from recaption.driver import is_startup_error
+
+        if is_startup_error(exc):  # the config, or a stage's start-up checks
+            logger.error("%s", exc)
+            return EXIT_USAGE
+        # It broke after it started: not a config error, so not exit 2.
+        logger.exception("%s failed: %s", args.command, exc)
+        return EXIT_FAILED
     raise AssertionError(f"unhandled command {args.command}")

@@ -1,4 +1,4 @@
-"""The shard ledger: the one place that knows what is done, what failed and what is pending.
+"""The shard ledger: what is done and what failed in one stage's output folder.
 
 Every stage reads shards and writes shards with the same id. For a stage's output folder the
 ledger keeps:
@@ -17,11 +17,10 @@ the ``_ledger/`` subfolder.
 
 Outputs are written under a temporary name in the same folder and ``os.replace``-d into
 place, so a reader never sees half a file. Work is assigned as ``shards[rank::world_size]``
-over *all* sorted input shards, done ones skipped afterwards: slicing only the pending ones
-would let ranks that start at different times (a throttled job array) disagree on who owns
-what, and shards would be skipped or done twice. SIGTERM and SIGUSR1 (SLURM preemption) set
-a flag; the ledger stops at the next shard boundary, and a stage may call
-:meth:`ShardLedger.check_stop` between batches to abandon the current shard without marking it done.
+over *all* sorted input shards (:func:`assign`), done ones skipped afterwards: slicing only
+the pending ones would let ranks that start at different times (a throttled job array)
+disagree on who owns what, and shards would be skipped or done twice. The loop that uses the
+ledger (signals, claims, failures) is :mod:`recaption.driver`.
 """
 
 from __future__ import annotations
@@ -31,10 +30,8 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import time
-import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,10 +49,6 @@ TMP_TAG = ".tmp-"
 
 class ConfigMismatchError(RuntimeError):
     """Outputs in a folder were made with a different config."""
-
-
-class StopRequested(Exception):  # noqa: N818 - it is a request, not an error
-    """Raised inside a shard when SIGTERM/SIGUSR1 asked the worker to stop."""
 
 
 class ShardError(Exception):
@@ -125,6 +118,12 @@ def marker_digest(folder: Path, shard: str) -> str:
         return "missing"
 
 
+def file_signature(path: Path) -> list[int]:
+    """(size, mtime_ns) of a file: changes whenever the file is rewritten."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file and ``os.replace``."""
     with atomic_path(path) as tmp:
@@ -180,11 +179,11 @@ class ShardLedger:
         self.stage_config = stage_config
         self.fingerprint = fingerprint(stage_config)
         self.overwrite = overwrite
-        self._stop_signal: int | None = None
 
     # -- config ------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Create the output folder and check/record the stage config.
+    def prepare(self) -> bool:
+        """Create the output folder and check/record the stage config; True when the config
+        changed since earlier outputs (only possible with ``overwrite``).
 
         Raises :class:`ConfigMismatchError` when earlier outputs used another config and
         ``overwrite`` is off, and :class:`PermissionError` with the path when the folder
@@ -206,27 +205,47 @@ class ShardLedger:
                 f"cannot write in {out}: permission denied; fix its permissions "
                 "or choose another run_dir"
             )
-        recorded = self.recorded_config()
+        recorded = self.check_config()
         if recorded is not None and recorded.get("fingerprint") != self.fingerprint:
             differing = _diff_keys(recorded.get("config", {}), self.stage_config)
-            if not self.overwrite:
-                raise ConfigMismatchError(
-                    f"{out} holds {self.stage} outputs made with a different config; keys that "
-                    f"differ: {', '.join(self._config_key(k) for k in differing) or '?'}. "
-                    "Restore the old values to resume, or pass --overwrite to redo the stage "
-                    "with the new ones."
-                )
             logger.warning(
                 "%s: config changed (%s); --overwrite given, shards made with the old config "
                 "will be redone",
                 self.stage,
                 ", ".join(differing),
             )
-        if recorded is None or recorded.get("fingerprint") != self.fingerprint:
+        changed = recorded is not None and recorded.get("fingerprint") != self.fingerprint
+        if recorded is None or changed:
             write_json_atomic(
                 self.records_dir / CONFIG_FILE,
                 {"stage": self.stage, "fingerprint": self.fingerprint, "config": self.stage_config},
             )
+        return changed
+
+    def check_config(self) -> dict[str, Any] | None:
+        """The recorded config; raise :class:`ConfigMismatchError` when it differs from this
+        one (naming the keys) or cannot be read while outputs exist, unless ``overwrite``."""
+        path = self.records_dir / CONFIG_FILE
+        recorded = self.recorded_config()
+        if recorded is None and path.exists() and list_shards(self.output_dir, STATS_SUFFIX):
+            if not self.overwrite:
+                raise ConfigMismatchError(
+                    f"{path} is unreadable, so it is unknown which config made the "
+                    f"{self.stage} outputs in {self.output_dir}; restore the file, or pass "
+                    "--overwrite to redo every shard with the current config"
+                )
+            return {"fingerprint": None, "config": {}}
+        if recorded is not None and recorded.get("fingerprint") != self.fingerprint:
+            differing = _diff_keys(recorded.get("config", {}), self.stage_config)
+            if not self.overwrite:
+                raise ConfigMismatchError(
+                    f"{self.output_dir} holds {self.stage} outputs made with a different "
+                    "config; keys that differ: "
+                    f"{', '.join(self._config_key(k) for k in differing) or '?'}. "
+                    "Restore the old values to resume, or pass --overwrite to redo the stage "
+                    "with the new ones."
+                )
+        return recorded
 
     def _config_key(self, key: str) -> str:
         """``key`` as a dotted config path: stage configs nested by section keep theirs."""
@@ -239,10 +258,10 @@ class ShardLedger:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            logger.warning("%s is unreadable; treating the folder as new", path)
+            recorded = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
+        return recorded if isinstance(recorded, dict) else None
 
     # -- markers -----------------------------------------------------------------------------
     def marker_path(self, shard: str) -> Path:
@@ -294,9 +313,6 @@ class ShardLedger:
                 failed[shard] = "unreadable failure record"
         return failed
 
-    def pending(self, shards: Iterable[str]) -> list[str]:
-        return sorted(s for s in shards if not self.is_done(s))
-
     def mark_done(self, shard: str, stats: dict[str, Any]) -> dict[str, Any]:
         """Write the done marker (last step of a shard) and clear any failure record."""
         stats = {**stats, "shard": shard, "stage": self.stage, "fingerprint": self.fingerprint}
@@ -314,129 +330,8 @@ class ShardLedger:
         )
 
     def clear_temporaries(self, shard: str) -> None:
-        """Remove temporaries a killed worker left for ``shard`` (only its owner calls this)."""
+        """Remove temporaries a killed worker left for ``shard``; only the worker holding the
+        shard's claim calls this, so a live worker's temporaries are never touched."""
         for p in self.output_dir.glob(f".{shard}*{TMP_TAG}*"):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-
-    # -- stopping ----------------------------------------------------------------------------
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop_signal is not None
-
-    def check_stop(self) -> None:
-        """Raise :class:`StopRequested` if a stop signal arrived (call between batches)."""
-        if self._stop_signal is not None:
-            raise StopRequested(signal.Signals(self._stop_signal).name)
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        logger.warning(
-            "%s: got %s, stopping at the next shard boundary",
-            self.stage,
-            signal.Signals(signum).name,
-        )
-        self._stop_signal = signum
-
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        wanted = [signal.SIGTERM, getattr(signal, "SIGUSR1", None)]
-        previous = {}
-        try:
-            for sig in wanted:
-                if sig is not None:
-                    previous[sig] = signal.signal(sig, self._on_signal)
-        except ValueError:  # not in the main thread: signals stay as they are
-            previous = {}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    # -- the loop ----------------------------------------------------------------------------
-    def run(
-        self,
-        shards: Iterable[str],
-        process: Callable[[str], dict[str, Any]],
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> StageSummary:
-        """Process this worker's pending shards, one at a time.
-
-        ``process(shard)`` writes the shard's outputs (through :func:`atomic_path`) and returns
-        its stats (``n_ok``/``n_failed`` count samples). A raised exception marks the shard
-        failed and the loop goes on; :class:`StopRequested` abandons it and stops.
-        """
-        start = time.perf_counter()
-        shards = sorted(set(shards))
-        done_before = [s for s in shards if self.is_done(s)]
-        for shard in assign(shards, rank, world_size):
-            stats = self.read_stats(shard)
-            if stats is not None and self.inputs_changed(shard, stats):
-                logger.warning(
-                    "%s: shard %s: its inputs changed since it was done; redoing it",
-                    self.stage,
-                    shard,
-                )
-        # Assign over *all* shards, not the pending ones: ranks that start at different times
-        # (a throttled job array) must agree on who owns what, whatever is done by then.
-        mine = [s for s in assign(shards, rank, world_size) if s not in set(done_before)]
-        summary = StageSummary(
-            self.stage,
-            rank,
-            world_size,
-            shards_total=len(shards),
-            shards_done_before=len(done_before),
-            shards_assigned=len(mine),
-        )
-        logger.info(
-            "%s: %d shard(s), %d done before, %d assigned to rank %d/%d",
-            self.stage,
-            len(shards),
-            len(done_before),
-            len(mine),
-            rank,
-            world_size,
-        )
-        with self._signals():
-            for shard in mine:
-                if self.stop_requested:
-                    summary.interrupted = True
-                    break
-                self.clear_temporaries(shard)
-                t0 = time.perf_counter()
-                try:
-                    stats = process(shard)
-                except StopRequested:
-                    self.clear_temporaries(shard)
-                    summary.interrupted = True
-                    logger.warning("%s: shard %s abandoned (not marked done)", self.stage, shard)
-                    break
-                except Exception as exc:  # one bad shard never kills the run
-                    if self.stop_requested:
-                        # A stop signal also reaches worker processes (a hard scancel signals
-                        # the whole job); what breaks after it is the stop, not the shard.
-                        self.clear_temporaries(shard)
-                        summary.interrupted = True
-                        logger.warning(
-                            "%s: shard %s abandoned after a stop signal (%s)",
-                            self.stage,
-                            shard,
-                            exc,
-                        )
-                        break
-                    error = f"{type(exc).__name__}: {exc}"
-                    logger.error("%s: shard %s failed: %s", self.stage, shard, error)
-                    logger.debug("%s", traceback.format_exc())
-                    self.clear_temporaries(shard)
-                    self.mark_failed(shard, error)
-                    summary.shards_failed[shard] = error
-                    continue
-                stats.setdefault("seconds", round(time.perf_counter() - t0, 3))
-                self.mark_done(shard, stats)
-                summary.shards_ok.append(shard)
-                summary.samples_ok += int(stats.get("n_ok", 0))
-                summary.samples_failed += int(stats.get("n_failed", 0))
-        summary.seconds = time.perf_counter() - start
-        return summary

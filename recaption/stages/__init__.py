@@ -1,28 +1,26 @@
-"""The pipeline's stages, in order. Each module has ``run(ctx: StageContext) -> StageSummary``.
+"""The pipeline's stages, in order: the registry the command line and ``recaption run`` use.
 
-Stage modules are imported only when their stage runs, so ``recaption --help`` stays fast
-and a CPU-only download does not import torch.
+Each entry names a stage class (:class:`recaption.driver.ShardedStage` or
+:class:`recaption.driver.SingleOutputStage`) by ``module:Class``. Modules are imported only
+when their stage runs, so ``recaption --help`` stays fast and a CPU-only download does not
+import torch. Adding a stage is one module and one line here.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from recaption.config import STAGE_NAMES, RunConfig
+from recaption.driver import Stage, StageContext, run_stage
 from recaption.ledger import StageSummary
 
-
-@dataclass
-class StageContext:
-    """What a stage needs to run: the config and which worker this is."""
-
-    config: RunConfig
-    rank: int = 0
-    world_size: int = 1
-    overwrite: bool = False
-
+STAGES: dict[str, str] = {
+    "download": "recaption.stages.download:DownloadStage",
+    "caption": "recaption.stages.caption:CaptionStage",
+    "filter": "recaption.stages.filter:FilterStage",
+    "merge": "recaption.stages.merge:MergeStage",
+    "train": "recaption.stages.train:TrainStage",
+    "sample": "recaption.stages.sample:SampleStage",
+}
 
 STAGE_HELP: dict[str, str] = {
     "download": "pre-filter metadata and download images into webdataset shards (img2dataset)",
@@ -33,10 +31,17 @@ STAGE_HELP: dict[str, str] = {
     "sample": "sample the trained KOALA pipeline (Euler, 25 steps, guidance 7.5)",
 }
 
+__all__ = ["STAGES", "STAGE_HELP", "StageContext", "run", "stage_class"]
 
-def stage_runner(name: str) -> Callable[[StageContext], StageSummary]:
-    """The ``run`` function of stage ``name``."""
-    if name not in STAGE_NAMES:
-        raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
-    module = importlib.import_module(f"recaption.stages.{name}")
-    return module.run
+
+def stage_class(name: str) -> type[Stage]:
+    """The class of stage ``name``."""
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    module, _, cls = STAGES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def run(name: str, ctx: StageContext) -> StageSummary:
+    """Run stage ``name`` for the worker ``ctx`` describes."""
+    return run_stage(stage_class(name)(ctx))

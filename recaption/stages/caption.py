@@ -27,7 +27,6 @@ group is needed because ranks share nothing but the ledger.
 from __future__ import annotations
 
 import logging
-import signal
 import tarfile
 import time
 import zlib
@@ -41,18 +40,12 @@ import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset
 
 from recaption.config import CaptionConfig, RunConfig
+from recaption.driver import ShardedStage
 from recaption.images import ImageDecodeError, decode_image
-from recaption.ledger import (
-    STATS_SUFFIX,
-    ShardError,
-    ShardLedger,
-    StageSummary,
-    StopRequested,
-    atomic_path,
-    marker_digest,
-)
+from recaption.ledger import STATS_SUFFIX, ShardError, atomic_path
+from recaption.schemas import CAPTION_SCHEMA
 from recaption.shards import RawSample, expected_keys, iter_tar_samples
-from recaption.stages import StageContext
+from recaption.signals import StopRequested, StopSignals, ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +56,6 @@ PROMPT_PRESETS: dict[str, str] = {
     "dense": "Describe this image and its style in a very detailed manner.",
     "short": "Describe this image in one sentence.",
 }
-
-CAPTION_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("caption", pa.string()),
-        ("original_text", pa.string()),
-        ("model", pa.string()),
-        ("revision", pa.string()),
-        ("prompt", pa.string()),
-        ("n_prompt_tokens", pa.int32()),
-        ("n_new_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-    ]
-)
 
 
 # -- prompts -------------------------------------------------------------------------------------
@@ -275,20 +252,6 @@ def decode_size(processor: Any) -> int | None:
     return max(sides) or None
 
 
-def _worker_init(_worker_id: int) -> None:
-    """Set up a decoding worker: one torch thread, and stop signals left to the main process.
-
-    SLURM signals every process of a job step; the main process abandons the shard cleanly
-    and then shuts its workers down, so a worker must not die of SIGTERM/SIGUSR1 first.
-    """
-    import torch
-
-    torch.set_num_threads(1)  # the worker decodes; the main process owns the cores for the model
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
-
-
 # -- generation ----------------------------------------------------------------------------------
 def finish_tokens(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], int, str]:
     """Split generated ``tokens`` at the first end token.
@@ -304,20 +267,22 @@ def finish_tokens(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], int,
 
 
 class ShardCaptioner:
-    """Captions whole shards with one loaded model; ``caption_shard`` is the ledger's callback."""
+    """Captions whole shards with one loaded model into ``output_dir/{shard}.parquet``."""
 
     def __init__(
         self,
         config: RunConfig,
         captioner: Any,
-        ledger: ShardLedger,
+        output_dir: Path,
+        stop: StopSignals,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         self.config = config
         self.section = config.caption
         self.captioner = captioner
-        self.ledger = ledger
+        self.output_dir = output_dir
+        self.stop = stop
         self.rank = rank
         self.world_size = world_size
         self.template = instruction_template(self.section)
@@ -419,7 +384,7 @@ class ShardCaptioner:
             dataset,
             batch_size=None,
             num_workers=workers,
-            worker_init_fn=_worker_init,
+            worker_init_fn=ignore_stop_signals,
             prefetch_factor=4 if workers else None,
             pin_memory=self.captioner.device.startswith("cuda"),
         )
@@ -444,7 +409,7 @@ class ShardCaptioner:
                 waiting += time.perf_counter() - t0
                 if batch is None:
                     break
-                self.ledger.check_stop()
+                self.stop.check()
                 if batch.shard_error:
                     raise ShardError(batch.shard_error)
                 batch_rows, n_new = self.batch_rows(batch, shard_seed)
@@ -452,7 +417,7 @@ class ShardCaptioner:
                 n_new_tokens += n_new
                 progress.update(len(batch_rows))
         except (RuntimeError, OSError) as exc:
-            if self.ledger.stop_requested:  # e.g. a worker killed by the same stop signal
+            if self.stop.requested:  # e.g. a worker killed by the same stop signal
                 raise StopRequested(str(exc)) from exc
             raise
         finally:
@@ -473,7 +438,7 @@ class ShardCaptioner:
                 "_stats.json and rerun the download for this shard"
             )
 
-        out = self.ledger.output_path(shard, ".parquet")
+        out = self.output_dir / f"{shard}.parquet"
         with atomic_path(out) as tmp:
             pq.write_table(pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA), tmp)
 
@@ -516,59 +481,44 @@ class ShardCaptioner:
 
 
 # -- the stage -----------------------------------------------------------------------------------
-def input_shards(images_dir: Path) -> list[str]:
-    """Shards whose download finished: img2dataset's ``{shard}_stats.json`` is present."""
-    from recaption.ledger import list_shards
+class CaptionStage(ShardedStage):
+    """Caption every finished image shard (see the module docstring)."""
 
-    if not images_dir.is_dir():
-        raise FileNotFoundError(
-            f"{images_dir} does not exist: nothing to caption. Run `recaption download CONFIG` "
-            "first (or point run_dir at a run that has images/)"
+    name = "caption"
+    input_stage = "download"  # a redownloaded image shard (new marker) makes its captions stale
+    output_suffixes = (".parquet",)
+
+    def check(self) -> None:
+        from recaption.demo.models import resolve_model
+        from recaption.models.llava import check_checkpoint
+
+        section = self.config.caption
+        self.template = instruction_template(section)  # a bad prompt config stops here
+        self.model_path = resolve_model(self.config, section.model)
+        check_checkpoint(self.model_path, section.revision, section.trust_remote_code)
+
+    def setup(self) -> None:
+        from recaption.distributed import default_device
+        from recaption.models.llava import load_captioner
+
+        section = self.config.caption
+        captioner = load_captioner(
+            self.model_path,
+            revision=section.revision,
+            trust_remote_code=section.trust_remote_code,
+            dtype=section.dtype,
+            device=section.device or default_device(),
+            name=section.model,
         )
-    return list_shards(images_dir, STATS_SUFFIX)
-
-
-def run(ctx: StageContext) -> StageSummary:
-    """Caption this worker's pending shards; see the module docstring."""
-    from recaption.demo.models import resolve_model
-    from recaption.distributed import default_device
-    from recaption.ledger import assign
-    from recaption.models.llava import check_checkpoint, load_captioner
-
-    config = ctx.config
-    section = config.caption
-    template = instruction_template(section)  # a bad prompt config stops before anything runs
-    shards = input_shards(config.images_dir)
-    if not shards:
-        raise FileNotFoundError(
-            f"{config.images_dir} has no finished download shard ({{shard}}.tar with its "
-            "{shard}_stats.json); run `recaption download CONFIG` first"
+        logger.info("caption: instruction %r, batch %d", self.template, section.batch_size)
+        self.worker = ShardCaptioner(
+            self.config,
+            captioner,
+            self.output_dir,
+            self.stop,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
         )
-    model_path = resolve_model(config, section.model)
-    check_checkpoint(model_path, section.revision, section.trust_remote_code)
-    ledger = ShardLedger(
-        STAGE,
-        config.stage_dir(STAGE),
-        section.fingerprint_dict(),
-        overwrite=ctx.overwrite,
-        # A redownloaded image shard (new img2dataset marker) makes its captions stale.
-        input_stamps={s: marker_digest(config.images_dir, s) for s in shards},
-    )
-    ledger.prepare()
-    mine = [s for s in assign(shards, ctx.rank, ctx.world_size) if not ledger.is_done(s)]
-    if not mine:
-        summary = ledger.run(shards, lambda shard: {}, rank=ctx.rank, world_size=ctx.world_size)
-        summary.messages.append(f"caption: nothing pending for rank {ctx.rank}")
-        return summary
-    device = section.device or default_device()
-    captioner = load_captioner(
-        model_path,
-        revision=section.revision,
-        trust_remote_code=section.trust_remote_code,
-        dtype=section.dtype,
-        device=device,
-        name=section.model,
-    )
-    logger.info("caption: instruction %r, batch %d", template, section.batch_size)
-    worker = ShardCaptioner(config, captioner, ledger, rank=ctx.rank, world_size=ctx.world_size)
-    return ledger.run(shards, worker.caption_shard, rank=ctx.rank, world_size=ctx.world_size)
+
+    def process(self, shard: str) -> dict[str, Any]:
+        return self.worker.caption_shard(shard)

@@ -34,8 +34,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -47,107 +45,23 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from recaption.caption_rules import (
-    DEFAULT_BOILERPLATE_OPENINGS,
-    BoilerplateOpeningRewriter,
     CaptionRules,
     CaptionSample,
-    DuplicateCaptionFilter,
-    EmptyCaptionFilter,
-    LanguageFilter,
-    LengthFilter,
-    RefusalFilter,
-    RepetitionFilter,
-    TextNormaliser,
-    TruncationFilter,
+    RunInputs,
+    build_rules,
     caption_hash,
 )
-from recaption.config import FilterConfig, RunConfig
-from recaption.ledger import (
-    STATS_SUFFIX,
-    ShardError,
-    ShardLedger,
-    StageSummary,
-    assign,
-    atomic_path,
-    list_shards,
-)
-from recaption.stages import StageContext
+from recaption.config import RunConfig
+from recaption.driver import ShardedStage
+from recaption.ledger import ShardError, atomic_path, file_signature
+from recaption.schemas import CAPTION_COLUMNS_FOR_FILTER, FILTERED_SCHEMA, SCORE_COLUMNS
+from recaption.shards import iter_tar_samples
+from recaption.signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
-STAGE = "filter"
-CAPTION_COLUMNS = ("key", "caption", "status", "finish_reason")
 CAPTION_ERROR = "caption_error"
 DUPLICATE_KEY = "duplicate_key"
-CLIP_REASON = "clip_score"
-
-# Every score column a rule may write, with its type: every filtered shard has this schema.
-SCORE_COLUMNS: dict[str, pa.DataType] = {
-    "duplicate_ngram_fraction": pa.float32(),
-    "tail_repeats": pa.int32(),
-    "trimmed_chars": pa.int32(),
-    "boilerplate_opening": pa.bool_(),
-    "n_words": pa.int32(),
-    "n_chars": pa.int32(),
-    "language": pa.string(),
-    "language_confidence": pa.float32(),
-    "caption_copies": pa.int32(),
-    "clip_score": pa.float32(),
-    "clip_score_original": pa.float32(),
-}
-FILTERED_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("keep", pa.bool_()),
-        ("reason", pa.string()),
-        ("caption_clean", pa.string()),
-        *SCORE_COLUMNS.items(),
-    ]
-)
-
-
-def build_rules(section: FilterConfig, duplicate_counts: dict[int, int] | None) -> CaptionRules:
-    """The rule chain the config asks for, in order (CLIP is applied per shard, after it)."""
-    rules = [
-        TextNormaliser(),
-        EmptyCaptionFilter(),
-        RepetitionFilter(
-            ngram_size=section.ngram_size,
-            max_duplicate_ngram_fraction=section.max_duplicate_ngram_fraction,
-            max_tail_repeats=section.max_tail_repeats,
-        ),
-        TruncationFilter(mode=section.truncated),
-        RefusalFilter(phrases=section.refusal_phrases),
-        BoilerplateOpeningRewriter(
-            mode=section.boilerplate,
-            openings=section.boilerplate_openings
-            if section.boilerplate_openings is not None
-            else DEFAULT_BOILERPLATE_OPENINGS,
-        ),
-        LengthFilter(
-            min_words=section.min_words,
-            max_words=section.max_words,
-            min_chars=section.min_chars,
-            max_chars=section.max_chars,
-        ),
-    ]
-    if section.keep_languages:
-        rules.append(
-            LanguageFilter(
-                keep_languages=section.keep_languages,
-                candidate_languages=section.candidate_languages,
-                min_confidence=section.min_language_confidence,
-            )
-        )
-    if section.max_duplicate_copies is not None and duplicate_counts is not None:
-        rules.append(DuplicateCaptionFilter(duplicate_counts, section.max_duplicate_copies))
-    return CaptionRules(rules)
-
-
-def file_signature(path: Path) -> list[int]:
-    """(size, mtime_ns) of a file: changes whenever the file is rewritten."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
 
 
 def read_caption_table(path: Path, shard: str) -> pa.Table:
@@ -161,7 +75,7 @@ def read_caption_table(path: Path, shard: str) -> pa.Table:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as exc:
         raise ShardError(f"caption shard {shard}: cannot read {path}: {exc}") from exc
-    missing = [c for c in CAPTION_COLUMNS if c not in table.column_names]
+    missing = [c for c in CAPTION_COLUMNS_FOR_FILTER if c not in table.column_names]
     if missing:
         raise ShardError(
             f"caption shard {shard}: {path} lacks column(s) {', '.join(missing)}; it was not "
@@ -179,6 +93,7 @@ class DuplicateTable:
         self.cache_dir = cache_dir
         self.shard_hashes: dict[str, np.ndarray] = {}
         self.counts: dict[int, int] = {}
+        self.unreadable: dict[str, str] = {}
 
     def _cache_path(self, shard: str, signature: list[int]) -> Path:
         tag = hashlib.blake2b(json.dumps(signature).encode(), digest_size=6).hexdigest()
@@ -212,8 +127,20 @@ class DuplicateTable:
             try:
                 self.shard_hashes[shard] = self.hashes(shard)
             except (OSError, pa.ArrowInvalid, KeyError) as exc:
-                # The shard itself will fail with a clear message when it is processed.
-                logger.warning("duplicate table: skipping caption shard %s: %s", shard, exc)
+                # The shard fails (when processed) with this message; the others go on with
+                # a table that lacks it, and are redone once it is repaired, because their
+                # stamps hold the copy counts of their captions.
+                self.unreadable[shard] = (
+                    f"caption shard {shard}: {self.captions_dir / f'{shard}.parquet'} cannot "
+                    f"be read ({exc}); rerun `recaption caption CONFIG`, which redoes shards "
+                    "whose output is missing or unreadable"
+                )
+                logger.error(
+                    "duplicate table built without caption shard %s (%s); the other shards' "
+                    "decisions are redone once it is repaired",
+                    shard,
+                    exc,
+                )
                 self.shard_hashes[shard] = np.empty(0, dtype=np.int64)
         everything = np.concatenate([np.empty(0, np.int64), *self.shard_hashes.values()])
         unique, counts = np.unique(everything, return_counts=True)
@@ -236,25 +163,22 @@ class DuplicateTable:
 
 # -- CLIP -----------------------------------------------------------------------------------
 def read_shard_images(tar_path: Path, keys: set[str]) -> dict[str, bytes]:
-    """Image bytes of the wanted keys from an img2dataset tar (``{key}.jpg/png/webp``)."""
+    """Image bytes of the wanted keys from an img2dataset tar."""
     images: dict[str, bytes] = {}
-    with tarfile.open(tar_path, "r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = os.path.basename(member.name).partition(".")
-            if key in keys and ext.lower() in ("jpg", "jpeg", "png", "webp"):
-                fh = tar.extractfile(member)
-                if fh is not None:
-                    images[key] = fh.read()
+    for sample in iter_tar_samples(tar_path):
+        if sample.key in keys:
+            data = sample.image_bytes()
+            if data is not None:
+                images[sample.key] = data
     return images
 
 
 class ClipScores:
     """CLIP scores of synthetic captions and original alt-texts, cached per shard."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, stop: StopSignals) -> None:
         self.config = config
+        self.stop = stop
         self.section = config.filter
         self.cache_dir = config.filtered_dir / "_clip"
         self._scorer: Any = None
@@ -298,19 +222,17 @@ class ClipScores:
             return None
         return table
 
-    def scores(
-        self, shard: str, ledger: ShardLedger | None = None
-    ) -> dict[str, tuple[float, float]]:
+    def scores(self, shard: str) -> dict[str, tuple[float, float]]:
         """key -> (clip_score, clip_score_original) for the shard's ok captions."""
         table = self.cached(shard)
         if table is None:
-            table = self._compute(shard, ledger)
+            table = self._compute(shard)
         keys = table.column("key").to_pylist()
         ours = table.column("clip_score").to_pylist()
         theirs = table.column("clip_score_original").to_pylist()
         return dict(zip(keys, zip(ours, theirs, strict=True), strict=True))
 
-    def _compute(self, shard: str, ledger: ShardLedger | None) -> pa.Table:
+    def _compute(self, shard: str) -> pa.Table:
         from PIL import Image, UnidentifiedImageError
 
         captions = read_caption_table(self.config.captions_dir / f"{shard}.parquet", shard)
@@ -342,8 +264,7 @@ class ClipScores:
         chunks_ours, chunks_theirs = [], []
         step = self.section.clip_batch_size * 4
         for start in range(0, len(keys), step):
-            if ledger is not None:
-                ledger.check_stop()
+            self.stop.check()
             chunks_ours.append(
                 self.scorer.score(pil[start : start + step], ours[start : start + step])
             )
@@ -366,14 +287,13 @@ class ClipScores:
         return table
 
     def percentile_threshold(
-        self, shards: list[str], ledger: ShardLedger, rank: int, world_size: int
+        self, shards: list[str], mine: list[str], world_size: int
     ) -> float | None:
-        """Score this rank's shards, wait for the others', return the run-wide percentile."""
-        # Same split as the ledger's (over all shards), so no two ranks score the same shard.
-        mine = [s for s in assign(shards, rank, world_size) if self.cached(s) is None]
-        for shard in tqdm(mine, desc="clip scores", unit="shard"):
+        """Score this rank's shards (``mine``), wait for the others', return the run-wide
+        percentile."""
+        for shard in tqdm([s for s in mine if self.cached(s) is None], desc="clip scores"):
             try:
-                self._compute(shard, ledger)
+                self._compute(shard)
             except ShardError as exc:
                 logger.error("%s", exc)
         deadline = time.monotonic() + self.section.clip_wait_seconds
@@ -382,7 +302,7 @@ class ClipScores:
             missing = [s for s, t in tables.items() if t is None]
             if not missing or world_size == 1 or time.monotonic() > deadline:
                 break
-            ledger.check_stop()
+            self.stop.check()
             time.sleep(5)
         if missing:
             logger.warning(
@@ -409,9 +329,7 @@ def filter_table(
     rules: CaptionRules,
     *,
     shard: str = "",
-    clip: dict[str, tuple[float, float]] | None = None,
-    clip_threshold: float | None = None,
-    ledger: ShardLedger | None = None,
+    stop: StopSignals | None = None,
     caption_hashes: np.ndarray | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Decide every row of a caption table; return the filtered table and the counts.
@@ -440,8 +358,8 @@ def filter_table(
     seen: set[str] = set()
     n_trimmed = n_rewritten = 0
     for i, key in enumerate(keys):
-        if ledger is not None and i % 2048 == 0:
-            ledger.check_stop()
+        if stop is not None and i % 2048 == 0:
+            stop.check()
         key = "" if key is None else str(key)
         scores: dict[str, Any] = {}
         digest = None
@@ -466,16 +384,6 @@ def filter_table(
                 decision.caption_clean,
                 decision.scores,
             )
-            if clip is not None:
-                pair = clip.get(key)
-                if pair is not None:
-                    scores["clip_score"], scores["clip_score_original"] = pair
-                if (
-                    keep
-                    and clip_threshold is not None
-                    and (pair is None or pair[0] < clip_threshold)
-                ):
-                    keep, reason = False, CLIP_REASON
             if keep:
                 n_trimmed += bool(scores.get("trimmed_chars"))
                 n_rewritten += bool(scores.get("boilerplate_opening")) and clean != caption
@@ -512,73 +420,80 @@ def filter_table(
     return result, stats
 
 
-def run(ctx: StageContext) -> StageSummary:
+class FilterStage(ShardedStage):
     """Filter every finished caption shard (see the module docstring)."""
-    config = ctx.config
-    section = config.filter
-    captions_dir = config.captions_dir
-    if not captions_dir.is_dir():
-        raise FileNotFoundError(
-            f"{captions_dir} does not exist: run `recaption caption {config.source or 'CONFIG'}` "
-            "before filtering"
-        )
-    shards = list_shards(captions_dir, STATS_SUFFIX)
-    if not shards:
-        raise FileNotFoundError(
-            f"no finished caption shards in {captions_dir} (no *_stats.json markers): "
-            "run the caption stage first"
-        )
-    if (section.min_clip_score is not None or section.min_clip_percentile is not None) and (
-        section.clip_model is None
-    ):
-        raise ValueError(
-            "filter.min_clip_score / filter.min_clip_percentile need filter.clip_model "
-            "(a CLIP hub id, folder, or demo:tiny-clip)"
-        )
-    if section.min_clip_score is not None and section.min_clip_percentile is not None:
-        raise ValueError("set filter.min_clip_score or filter.min_clip_percentile, not both")
-    ledger = ShardLedger(
-        STAGE, config.stage_dir(STAGE), section.fingerprint_dict(), overwrite=ctx.overwrite
-    )
-    rules = build_rules(section, None)  # validates languages etc. before any work
-    ledger.prepare()
 
-    table = DuplicateTable(captions_dir, config.filtered_dir / "_caption_hashes")
-    counts = table.build(shards) if section.max_duplicate_copies is not None else {}
-    rules = build_rules(section, counts)
-    clip = ClipScores(config) if section.clip_model else None
-    if clip is not None:
-        _ = clip.scorer  # load now: a bad model path is a start-up error
-    clip_threshold = section.min_clip_score
-    if clip is not None and section.min_clip_percentile is not None:
-        clip_threshold = clip.percentile_threshold(shards, ledger, ctx.rank, ctx.world_size)
+    name = "filter"
+    input_stage = "caption"
+    output_suffixes = (".parquet",)
 
-    inputs = {
-        shard: {
-            "captions": file_signature(captions_dir / f"{shard}.parquet")
-            if (captions_dir / f"{shard}.parquet").exists()
-            else None,
-            "duplicates": table.shard_digest(shard),
-            "clip_threshold": clip_threshold,
+    def check(self) -> None:
+        section = self.config.filter
+        if (section.min_clip_score is not None or section.min_clip_percentile is not None) and (
+            section.clip_model is None
+        ):
+            raise ValueError(
+                "filter.min_clip_score / filter.min_clip_percentile need filter.clip_model "
+                "(a CLIP hub id, folder, or demo:tiny-clip)"
+            )
+        if section.min_clip_score is not None and section.min_clip_percentile is not None:
+            raise ValueError("set filter.min_clip_score or filter.min_clip_percentile, not both")
+        build_rules(section)  # validates languages etc. before any work
+        self.clip = ClipScores(self.config, self.stop) if section.clip_model else None
+        if self.clip is not None:
+            _ = self.clip.scorer  # load now: a bad model path is a start-up error
+
+    def extra_outputs(self, shard: str) -> list[Path]:
+        folder = self.config.filtered_dir
+        return [
+            *folder.glob(f"_caption_hashes/{shard}-*.npy"),
+            folder / "_clip" / f"{shard}.parquet",
+        ]
+
+    def plan(self) -> None:
+        """The run-wide inputs: the duplicate table and the CLIP threshold."""
+        section = self.config.filter
+        captions_dir = self.config.captions_dir
+        self.duplicates = DuplicateTable(captions_dir, self.config.filtered_dir / "_caption_hashes")
+        counts = (
+            self.duplicates.build(self.shards) if section.max_duplicate_copies is not None else {}
+        )
+        self.clip_threshold = section.min_clip_score
+        if self.clip is not None and section.min_clip_percentile is not None:
+            self.clip_threshold = self.clip.percentile_threshold(
+                self.shards, self.my_shards(), self.ctx.world_size
+            )
+        self.rules: CaptionRules = build_rules(
+            section,
+            RunInputs(
+                duplicate_counts=counts,
+                clip_scores=self.clip.scores if self.clip is not None else None,
+                clip_threshold=self.clip_threshold,
+            ),
+        )
+
+    def input_stamp(self, shard: str) -> Any:
+        path = self.config.captions_dir / f"{shard}.parquet"
+        return {
+            "captions": file_signature(path) if path.exists() else None,
+            "duplicates": self.duplicates.shard_digest(shard),
+            "clip_threshold": self.clip_threshold,
         }
-        for shard in shards
-    }
-    ledger.set_input_stamps(inputs)
 
-    def process_one_shard(shard: str) -> dict[str, Any]:
-        captions = read_caption_table(captions_dir / f"{shard}.parquet", shard)
-        scores = clip.scores(shard, ledger) if clip is not None else None
+    def process(self, shard: str) -> dict[str, Any]:
+        if shard in self.duplicates.unreadable:
+            raise ShardError(self.duplicates.unreadable[shard])
+        captions = read_caption_table(self.config.captions_dir / f"{shard}.parquet", shard)
+        self.rules.begin_shard(shard)
         result, stats = filter_table(
             captions,
-            rules,
+            self.rules,
             shard=shard,
-            clip=scores,
-            clip_threshold=clip_threshold,
-            ledger=ledger,
-            caption_hashes=table.shard_hashes.get(shard),
+            stop=self.stop,
+            caption_hashes=self.duplicates.shard_hashes.get(shard),
         )
-        ledger.check_stop()
-        with atomic_path(ledger.output_path(shard, ".parquet")) as tmp:
+        self.check_stop()
+        with atomic_path(self.output_dir / f"{shard}.parquet") as tmp:
             pq.write_table(result, tmp)
         logger.info(
             "filter shard %s: %d in, %d kept, rejected %s, errors %s",
@@ -589,5 +504,3 @@ def run(ctx: StageContext) -> StageSummary:
             stats["errors"],
         )
         return stats
-
-    return ledger.run(shards, process_one_shard, rank=ctx.rank, world_size=ctx.world_size)

@@ -42,47 +42,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recaption.config import RunConfig
-from recaption.ledger import (
-    STATS_SUFFIX,
-    ShardError,
-    ShardLedger,
-    StageSummary,
-    atomic_path,
-    list_shards,
+from recaption.driver import ShardedStage
+from recaption.ledger import ShardError, StageSummary, atomic_path, file_signature
+from recaption.schemas import (
+    DATASET_SCHEMA,
+    IMAGE_EXTENSIONS,
+    IMAGE_TYPE,
+    SCORE_COLUMNS,
+    hf_features,
 )
 from recaption.shards import expected_keys, iter_samples_by_key
-from recaption.stages import StageContext
-from recaption.stages.filter import SCORE_COLUMNS, file_signature
+from recaption.signals import StopSignals
 
 logger = logging.getLogger(__name__)
-
-STAGE = "merge"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-DATASET_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("image_sha256", pa.string()),
-        ("image_format", pa.string()),
-        ("original_text", pa.string()),
-        ("synthetic_caption", pa.string()),
-        ("synthetic_caption_raw", pa.string()),
-        ("caption_model", pa.string()),
-        ("prompt", pa.string()),
-        ("finish_reason", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("aesthetic_score", pa.float32()),
-        ("similarity", pa.float32()),
-        ("punsafe", pa.float32()),
-        ("pwatermark", pa.float32()),
-        *SCORE_COLUMNS.items(),
-    ]
-)
-IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def parquet_dir(config: RunConfig) -> Path:
@@ -136,7 +108,7 @@ def iter_image_samples(path: Path, shard: str) -> Iterator[tuple[str, dict[str, 
         )
 
 
-def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None) -> dict[str, Any]:
+def merge_shard(config: RunConfig, shard: str, stop: StopSignals | None = None) -> dict[str, Any]:
     """Write one shard's webdataset tar and parquet table; return its counts."""
     section = config.merge
     images = config.images_dir / f"{shard}.tar"
@@ -169,9 +141,7 @@ def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None
     n_without_caption = 0
     # The source shard's time, not now: merging the same inputs twice gives the same bytes.
     mtime = int(images.stat().st_mtime)
-    out_tar = (
-        ledger.output_path(shard, ".tar") if ledger else config.stage_dir(STAGE) / f"{shard}.tar"
-    )
+    out_tar = config.stage_dir("merge") / f"{shard}.tar"
     out_parquet = parquet_dir(config) / f"{shard}.parquet"
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_tar) as tmp_tar:
@@ -183,8 +153,8 @@ def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None
         ):
             samples = iter_image_samples(images, shard)
             for n, (key, files) in enumerate(samples):
-                if ledger is not None and n % 512 == 0:
-                    ledger.check_stop()
+                if stop is not None and n % 512 == 0:
+                    stop.check()
                 if key not in decisions:
                     n_without_caption += 1
                     continue
@@ -260,9 +230,8 @@ def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None
                 IMAGE_TYPE,
             )
             table = table.append_column("image", column)
-            features = {"image": {"_type": "Image"}}
             table = table.replace_schema_metadata(
-                {"huggingface": json.dumps({"info": {"features": _features(table, features)}})}
+                {"huggingface": json.dumps({"info": {"features": hf_features(table.schema)}})}
             )
         with atomic_path(out_parquet) as tmp_parquet:
             pq.write_table(table, tmp_parquet)
@@ -288,23 +257,6 @@ def merge_shard(config: RunConfig, shard: str, ledger: ShardLedger | None = None
     return stats
 
 
-def _features(table: pa.Table, overrides: dict[str, Any]) -> dict[str, Any]:
-    """datasets' feature description of a table: plain values, plus the given overrides."""
-    names = {
-        pa.string(): "string",
-        pa.int32(): "int32",
-        pa.float32(): "float32",
-        pa.bool_(): "bool",
-    }
-    out: dict[str, Any] = {}
-    for field in table.schema:
-        if field.name in overrides:
-            out[field.name] = overrides[field.name]
-        else:
-            out[field.name] = {"dtype": names.get(field.type, "string"), "_type": "Value"}
-    return out
-
-
 def shard_inputs(config: RunConfig, shard: str) -> dict[str, Any]:
     """What a merged shard depends on: its three input files, by size and mtime."""
     out: dict[str, Any] = {}
@@ -317,51 +269,52 @@ def shard_inputs(config: RunConfig, shard: str) -> dict[str, Any]:
     return out
 
 
-def run(ctx: StageContext) -> StageSummary:
+class MergeStage(ShardedStage):
     """Merge every filtered shard, then write the card, stats, report and manifest."""
-    config = ctx.config
-    filtered_dir = config.filtered_dir
-    shards = list_shards(filtered_dir, STATS_SUFFIX)
-    if not shards:
-        raise FileNotFoundError(
-            f"no finished filter shards in {filtered_dir} (no *_stats.json markers): "
-            "run `recaption filter` first"
-        )
-    if not config.images_dir.is_dir():
-        raise FileNotFoundError(f"{config.images_dir} does not exist: the image shards are gone")
-    ledger = ShardLedger(
-        STAGE,
-        config.stage_dir(STAGE),
-        config.merge.fingerprint_dict(),
-        overwrite=ctx.overwrite,
-    )
-    ledger.prepare()
-    parquet_dir(config).mkdir(parents=True, exist_ok=True)
-    ledger.set_input_stamps({shard: shard_inputs(config, shard) for shard in shards})
 
-    def process_one_shard(shard: str) -> dict[str, Any]:
-        for stale in parquet_dir(config).glob(f".{shard}.parquet*"):
+    name = "merge"
+    input_stage = "filter"
+    output_suffixes = (".tar",)
+
+    def check(self) -> None:
+        if not self.config.images_dir.is_dir():
+            raise FileNotFoundError(
+                f"{self.config.images_dir} does not exist: the image shards are gone"
+            )
+
+    def extra_outputs(self, shard: str) -> list[Path]:
+        return [parquet_dir(self.config) / f"{shard}.parquet"]
+
+    def verify_output(self, shard: str) -> str | None:
+        problem = super().verify_output(shard)
+        table = parquet_dir(self.config) / f"{shard}.parquet"
+        if problem is None and not table.is_file():
+            problem = f"{table} is missing"
+        return problem
+
+    def plan(self) -> None:
+        # Published tables of shards that are not in the run (their marker already gone).
+        for table in parquet_dir(self.config).glob("*.parquet"):
+            if table.stem not in set(self.shards):
+                logger.warning("merge: removing %s: shard not in the run any more", table)
+                table.unlink(missing_ok=True)
+
+    def input_stamp(self, shard: str) -> Any:
+        return shard_inputs(self.config, shard)
+
+    def process(self, shard: str) -> dict[str, Any]:
+        for stale in parquet_dir(self.config).glob(f".{shard}.parquet*"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        return merge_shard(config, shard, ledger)
+        parquet_dir(self.config).mkdir(parents=True, exist_ok=True)
+        return merge_shard(self.config, shard, self.stop)
 
-    summary = ledger.run(shards, process_one_shard, rank=ctx.rank, world_size=ctx.world_size)
-    if summary.interrupted:
-        return summary
-    not_done = [s for s in shards if not ledger.is_done(s)]
-    if not_done:
+    def finish(self, summary: StageSummary) -> None:
+        finish_dataset(self.config, self.shards)
         summary.messages.append(
-            f"dataset card, stats.json, report and MANIFEST.sha256 not written yet: "
-            f"{len(not_done)} shard(s) not merged ({', '.join(not_done[:10])}); they are "
-            "written when the last shard is done (rerun `recaption merge`)"
+            f"dataset written: {self.config.dataset_dir} (README.md, stats.json, "
+            "report/index.html, MANIFEST.sha256)"
         )
-        return summary
-    finish_dataset(config, shards)
-    summary.messages.append(
-        f"dataset written: {config.dataset_dir} (README.md, stats.json, report/index.html, "
-        "MANIFEST.sha256)"
-    )
-    return summary
 
 
 def finish_dataset(config: RunConfig, shards: list[str]) -> dict[str, Any]:

@@ -25,12 +25,12 @@ from typing import Any
 
 from recaption.config import RunConfig, SampleConfig
 from recaption.demo.models import resolve_model
-from recaption.ledger import ShardLedger, StageSummary, atomic_path
-from recaption.stages import StageContext
+from recaption.driver import SingleOutputStage
+from recaption.ledger import StageSummary, atomic_path
+from recaption.signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
-SAMPLES_ID = "samples"
 GRID_FILE = "grid.png"
 TABLE_FILE = "samples.parquet"
 
@@ -81,45 +81,43 @@ def _model_stamp(spec: str) -> str:
     return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
-def run(ctx: StageContext) -> StageSummary:
+class SampleStage(SingleOutputStage):
     """Sample the KOALA pipeline (and the teacher when asked); write PNGs, grid and table."""
-    config = ctx.config
-    cfg = config.sample
-    if ctx.rank != 0:
-        logger.info("sample runs on rank 0 only; rank %d has nothing to do", ctx.rank)
-        return StageSummary("sample", ctx.rank, ctx.world_size)
-    prompts = read_prompts(cfg)
-    if cfg.height % 8 or cfg.width % 8:
-        raise ValueError(
-            f"sample.height/width {cfg.height}x{cfg.width} must be divisible by 8 "
-            "(the VAE's downsampling factor)"
-        )
-    if not cfg.seeds:
-        raise ValueError("sample.seeds is empty; give at least one seed")
-    models = {"koala": pipeline_path(config)}
-    if cfg.with_teacher:
-        models["teacher"] = resolve_model(config, config.train.teacher)
-    clip_spec = resolve_model(config, cfg.clip_model) if cfg.clip_model else None
 
-    stage_config = {
-        **cfg.fingerprint_dict(),
-        "prompts": prompts,
-        "models": dict(models),
-    }
-    # Retraining the pipeline in place changes the stamp: the samples are then redone.
-    stamp = {name: _model_stamp(spec) for name, spec in models.items()}
-    ledger = ShardLedger(
-        "sample",
-        config.samples_dir,
-        stage_config,
-        overwrite=ctx.overwrite,
-        input_stamps={SAMPLES_ID: stamp},
-    )
-    ledger.prepare()
+    name = "sample"
+    output_name = "samples"
 
-    def process(_shard: str) -> dict[str, Any]:
-        rows = sample_all(config, prompts, models, clip_spec, ledger)
-        write_outputs(config.samples_dir, rows, prompts, cfg)
+    def check(self) -> None:
+        cfg = self.config.sample
+        self.prompts = read_prompts(cfg)
+        if cfg.height % 8 or cfg.width % 8:
+            raise ValueError(
+                f"sample.height/width {cfg.height}x{cfg.width} must be divisible by 8 "
+                "(the VAE's downsampling factor)"
+            )
+        if not cfg.seeds:
+            raise ValueError("sample.seeds is empty; give at least one seed")
+        self.models = {"koala": pipeline_path(self.config)}
+        if cfg.with_teacher:
+            self.models["teacher"] = resolve_model(self.config, self.config.train.teacher)
+        self.clip_spec = resolve_model(self.config, cfg.clip_model) if cfg.clip_model else None
+
+    def stage_config(self) -> dict[str, Any]:
+        return {
+            **self.config.sample.fingerprint_dict(),
+            "prompts": self.prompts,
+            "models": dict(self.models),
+        }
+
+    def input_stamp(self) -> Any:
+        # Retraining the pipeline in place changes the stamp: the samples are then redone.
+        return {name: _model_stamp(spec) for name, spec in self.models.items()}
+
+    def run_once(self, summary: StageSummary) -> dict[str, Any]:
+        cfg = self.config.sample
+        rows = sample_all(self.config, self.prompts, self.models, self.clip_spec, self.stop)
+        write_outputs(self.config.samples_dir, rows, self.prompts, cfg)
+        summary.messages.append(f"samples grid: {self.config.samples_dir / GRID_FILE}")
         return {
             "n_input": len(rows),
             "n_ok": len(rows),
@@ -127,15 +125,9 @@ def run(ctx: StageContext) -> StageSummary:
             "seconds_per_image": {
                 name: sum(r["seconds"] for r in rows if r["model"] == name)
                 / max(1, sum(r["model"] == name for r in rows))
-                for name in models
+                for name in self.models
             },
         }
-
-    summary = ledger.run([SAMPLES_ID], process, rank=0, world_size=1)
-    summary.rank, summary.world_size = ctx.rank, ctx.world_size
-    if summary.ok:
-        summary.messages.append(f"samples grid: {config.samples_dir / GRID_FILE}")
-    return summary
 
 
 def _dtype_and_device(cfg: SampleConfig) -> tuple[Any, str]:
@@ -156,7 +148,7 @@ def sample_all(
     prompts: list[str],
     models: dict[str, str],
     clip_spec: str | None,
-    ledger: ShardLedger,
+    stop: StopSignals,
 ) -> list[dict[str, Any]]:
     """Sample every (prompt, seed) with every model; returns one row per image."""
     import torch
@@ -179,7 +171,7 @@ def sample_all(
         out_dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(jobs), desc=f"sample {name}", unit="img")
         for start in range(0, len(jobs), cfg.batch_size):
-            ledger.check_stop()
+            stop.check()
             batch = jobs[start : start + cfg.batch_size]
             generators = [torch.Generator(device="cpu").manual_seed(s) for _, _, s in batch]
             t0 = time.perf_counter()

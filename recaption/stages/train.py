@@ -38,7 +38,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -53,9 +52,17 @@ from tqdm.auto import tqdm
 
 from recaption.config import RunConfig, TrainConfig, fingerprint
 from recaption.demo.models import resolve_model
-from recaption.ledger import ShardLedger, StageSummary, write_json_atomic
+from recaption.driver import SingleOutputStage
+from recaption.ledger import (
+    STATS_SUFFIX,
+    StageSummary,
+    list_shards,
+    marker_digest,
+    write_json_atomic,
+)
+from recaption.schemas import IMAGE_EXTENSIONS
 from recaption.shards import iter_samples_by_key
-from recaption.stages import StageContext
+from recaption.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +75,29 @@ _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 # ---------------------------------------------------------------------------------------------
 # Start-up checks
 # ---------------------------------------------------------------------------------------------
-def find_training_shards(folder: Path) -> list[Path]:
-    """The merge stage's ``*.tar`` shards in ``folder`` (temporaries skipped), sorted."""
-    tars = sorted(p for p in Path(folder).glob("*.tar") if not p.name.startswith("."))
-    if not tars:
+def merged_dataset(config: RunConfig) -> list[Path]:
+    """The training shards: the merge stage's tars, once merge is complete for the run.
+
+    Refuses to start while a shard the filter stage finished is not merged yet (naming it),
+    so a half-merged dataset is never trained on without a word.
+    """
+    merge_dir = config.stage_dir("merge")
+    merged = list_shards(merge_dir, STATS_SUFFIX)
+    filtered = list_shards(config.filtered_dir, STATS_SUFFIX)
+    missing = sorted(set(filtered) - set(merged))
+    if missing:
         raise FileNotFoundError(
-            f"no training shards (*.tar) in {folder}; run `recaption merge CONFIG` first "
-            "or point run_dir at a run whose dataset is merged"
+            f"merge is not complete: {len(missing)} filtered shard(s) are not merged into "
+            f"{merge_dir} ({', '.join(missing[:10])}); run `recaption merge CONFIG` first"
+        )
+    tars = [merge_dir / f"{shard}.tar" for shard in merged]
+    absent = [p for p in tars if not p.is_file()]
+    if absent or not tars:
+        raise FileNotFoundError(
+            f"no training shards in {merge_dir}"
+            + (f" ({', '.join(p.name for p in absent[:5])} missing)" if absent else "")
+            + "; run `recaption merge CONFIG` first or point run_dir at a run whose dataset "
+            "is merged"
         )
     return tars
 
@@ -219,7 +242,7 @@ class TrainingSamples(torch.utils.data.IterableDataset):
         self, shard: str, sample: dict[str, Any], rng: random.Random
     ) -> dict[str, Any] | None:
         key = sample.get("__key__", "?")
-        image_bytes = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        image_bytes = next((sample[k] for k in IMAGE_EXTENSIONS if k in sample), None)
         if image_bytes is None or "txt" not in sample:
             logger.warning("shard %s, key %s: no image or no caption; skipped", shard, key)
             return None
@@ -297,14 +320,6 @@ class TrainingSamples(torch.utils.data.IterableDataset):
             epoch, index = epoch + 1, 0
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints
-    first and then shuts them down (SLURM signals every process of a job step)."""
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
-
-
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack pixels; keep captions and SDXL size conditioning as lists."""
     return {
@@ -358,8 +373,64 @@ def add_time_ids(
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def run(ctx: StageContext) -> StageSummary:
+class TrainStage(SingleOutputStage):
     """Distil the teacher into the student; write checkpoints, state and the final pipeline."""
+
+    name = "train"
+    output_name = "pipeline"
+    main_rank_only = False  # every accelerate process trains; rank 0 keeps the ledger
+
+    @property
+    def output_dir(self) -> Path:
+        return self.config.koala_dir
+
+    def check(self) -> None:
+        """Everything that can be wrong is found before anything is written."""
+        cfg = self.config.train
+        self.shards = merged_dataset(self.config)
+        if cfg.resolution % 8:
+            raise ValueError(
+                f"train.resolution {cfg.resolution} is not divisible by 8 (the VAE's "
+                "downsampling factor); use e.g. 1024, 512 or 64"
+            )
+        self.teacher_spec = resolve_model(self.config, cfg.teacher)
+        check_teacher(self.teacher_spec)
+        checkpoints = list_checkpoints(self.config.koala_dir / "checkpoints")
+        if checkpoints and not self.ctx.overwrite:
+            check_checkpoint(checkpoints[-1])
+
+    def stage_config(self) -> dict[str, Any]:
+        # The dataset trained on is part of what decides the output: a changed dataset is a
+        # changed config (refused without --overwrite; training on it starts over).
+        merge_dir = self.config.stage_dir("merge")
+        return {
+            **self.config.train.fingerprint_dict(),
+            "dataset": {
+                "shards": len(self.shards),
+                "digest": fingerprint(
+                    [[p.stem, marker_digest(merge_dir, p.stem)] for p in self.shards]
+                ),
+            },
+        }
+
+    def input_stamp(self) -> Any:
+        # max_steps is operational (raising it extends a run); a new value is not done yet.
+        return {"max_steps": self.config.train.max_steps}
+
+    def reset(self) -> None:
+        koala_dir = self.config.koala_dir
+        logger.warning("train config or dataset changed and --overwrite given: starting over")
+        shutil.rmtree(koala_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(koala_dir / "pipeline", ignore_errors=True)
+        for name in (TRAIN_STATE_FILE, TRAIN_LOG_FILE):
+            (koala_dir / name).unlink(missing_ok=True)
+
+    def run_once(self, summary: StageSummary) -> dict[str, Any]:
+        return train(self, summary)
+
+
+def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
+    """The training loop (see the module docstring); returns the final state."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
@@ -372,32 +443,14 @@ def run(ctx: StageContext) -> StageSummary:
         init_student_from_teacher,
     )
 
-    config: RunConfig = ctx.config
+    config: RunConfig = stage.config
     cfg = config.train
     koala_dir = config.koala_dir
     checkpoints_dir = koala_dir / "checkpoints"
     pipeline_dir = koala_dir / "pipeline"
-    start_time = time.perf_counter()
-
-    # -- start-up checks: everything that can be wrong is found before anything is written ---
-    shards = find_training_shards(config.stage_dir("merge"))
-    if cfg.resolution % 8:
-        raise ValueError(
-            f"train.resolution {cfg.resolution} is not divisible by 8 (the VAE's downsampling "
-            "factor); use e.g. 1024, 512 or 64"
-        )
-    teacher_spec = resolve_model(config, cfg.teacher)
-    check_teacher(teacher_spec)
+    shards = stage.shards
+    teacher_spec = stage.teacher_spec
     run_fingerprint = fingerprint(cfg.fingerprint_dict())
-
-    ledger = ShardLedger("train", koala_dir, cfg.fingerprint_dict(), overwrite=ctx.overwrite)
-    recorded = ledger.recorded_config()
-    config_changed = recorded is not None and recorded.get("fingerprint") != ledger.fingerprint
-    if config_changed and not ctx.overwrite:
-        ledger.prepare()  # raises ConfigMismatchError naming the keys that differ
-    checkpoints = [] if config_changed else list_checkpoints(checkpoints_dir)
-    if checkpoints:
-        check_checkpoint(checkpoints[-1])
 
     accelerator = Accelerator(
         # Without CUDA, processes started by torchrun / `accelerate launch --multi_gpu` talk gloo.
@@ -412,23 +465,14 @@ def run(ctx: StageContext) -> StageSummary:
     )
     main = accelerator.is_main_process
     device = accelerator.device
-    summary = StageSummary(
-        "train",
-        accelerator.process_index,
-        accelerator.num_processes,
-        shards_total=len(shards),
-    )
+    summary.rank, summary.world_size = accelerator.process_index, accelerator.num_processes
+    # Listed after the Accelerator's rendezvous: rank 0 may just have reset the folder.
+    checkpoints = list_checkpoints(checkpoints_dir)
+    if checkpoints:
+        check_checkpoint(checkpoints[-1])
 
-    if main:
-        ledger.prepare()
-        if config_changed:  # only reached with --overwrite
-            logger.warning("train config changed and --overwrite given: training starts over")
-            shutil.rmtree(checkpoints_dir, ignore_errors=True)
-            shutil.rmtree(pipeline_dir, ignore_errors=True)
-            for name in (TRAIN_STATE_FILE, TRAIN_LOG_FILE):
-                (koala_dir / name).unlink(missing_ok=True)
-        if not checkpoints:  # a fresh start: no log lines of an abandoned attempt
-            (koala_dir / TRAIN_LOG_FILE).unlink(missing_ok=True)
+    if main and not checkpoints:  # a fresh start: no log lines of an abandoned attempt
+        (koala_dir / TRAIN_LOG_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
 
     set_seed(cfg.seed, device_specific=True)  # each process draws its own noise
@@ -520,13 +564,6 @@ def run(ctx: StageContext) -> StageSummary:
     if ema is not None:
         ema.to(device)
 
-    if progress.step >= cfg.max_steps and (pipeline_dir / "model_index.json").exists():
-        logger.info("training already finished at step %d: %s", progress.step, pipeline_dir)
-        summary.shards_done_before = len(shards)
-        summary.messages.append(f"KOALA pipeline: {pipeline_dir}")
-        summary.seconds = time.perf_counter() - start_time
-        return summary
-
     dataset = TrainingSamples(
         shards,
         cfg,
@@ -540,24 +577,13 @@ def run(ctx: StageContext) -> StageSummary:
         collate_fn=collate,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=ignore_stop_signals,
     )
     if cfg.report_to and main:
         accelerator.init_trackers("koala", config=cfg.model_dump(mode="json"))
 
-    # SIGTERM / SIGUSR1 (SLURM preemption): finish the step, checkpoint, exit.
-    stop = {"signal": None}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        logger.warning("got %s: checkpointing and stopping", signal.Signals(signum).name)
-        stop["signal"] = signum
-
-    previous_handlers = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-        if sig is not None:
-            with contextlib.suppress(ValueError):  # not the main thread
-                previous_handlers[sig] = signal.signal(sig, on_signal)
-
+    # SIGTERM / SIGUSR1 (SLURM preemption, caught by the driver): finish the step,
+    # checkpoint, exit.
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     logger.info(
         "training %s from %s: %d shard(s), resolution %d, %d process(es), global batch %d, "
@@ -583,7 +609,12 @@ def run(ctx: StageContext) -> StageSummary:
     n_running, window_start, window_images = 0, time.perf_counter(), 0
     last_terms: dict[str, float] = {}
     student.train()
+    # Starting the loader draws a base seed from the global RNG; restore the state around it
+    # so a run resumed from a checkpoint (whose RNG state load_state restored) draws the same
+    # noise and timesteps as the uninterrupted run from here on.
+    rng_state = torch.get_rng_state()
     batches = iter(loader)
+    torch.set_rng_state(rng_state)
     try:
         while progress.step < cfg.max_steps:
             # ---- one optimizer step: gradient_accumulation_steps micro-batches ----
@@ -634,7 +665,7 @@ def run(ctx: StageContext) -> StageSummary:
             progress.samples_seen += global_batch
             stop_now = (
                 accelerator.reduce(
-                    torch.tensor([float(stop["signal"] is not None)], device=device), "sum"
+                    torch.tensor([float(stage.stop.requested)], device=device), "sum"
                 ).item()
                 > 0
             )
@@ -677,24 +708,20 @@ def run(ctx: StageContext) -> StageSummary:
         bar.close()
         student_features.remove()
         teacher_features.remove()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
 
     summary.samples_ok = progress.samples_seen
     summary.samples_failed = progress.samples_skipped
     for error in progress.shard_errors:
         shard, _, message = error.partition(": ")
         summary.shards_failed[shard] = message
-    summary.shards_ok = [p.stem for p in shards if p.stem not in summary.shards_failed]
     if summary.interrupted:
         if main:
             _write_train_state(koala_dir, progress, cfg, last_terms, "interrupted")
         summary.messages.append(
             f"stopped at step {progress.step}; rerun to resume from the checkpoint"
         )
-        summary.seconds = time.perf_counter() - start_time
         accelerator.end_training()
-        return summary
+        return {}
 
     # -- export: teacher's VAE, text encoders, tokenizers, scheduler + the student U-Net -------
     accelerator.wait_for_everyone()
@@ -706,12 +733,18 @@ def run(ctx: StageContext) -> StageSummary:
         _write_train_state(koala_dir, progress, cfg, last_terms, "finished")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    loss = last_terms.get("loss")
     summary.messages.append(
         f"KOALA pipeline: {pipeline_dir} (step {progress.step}, loss "
-        f"{last_terms.get('loss', float('nan')):.4f}, skipped samples {progress.samples_skipped})"
+        f"{'-' if loss is None else f'{loss:.4f}'}, skipped samples {progress.samples_skipped})"
     )
-    summary.seconds = time.perf_counter() - start_time
-    return summary
+    return {
+        "step": progress.step,
+        "loss": loss,
+        "samples_seen": progress.samples_seen,
+        "n_ok": progress.samples_seen,
+        "n_failed": progress.samples_skipped,
+    }
 
 
 def distillation_step(

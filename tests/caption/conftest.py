@@ -224,10 +224,9 @@ def caption_stage() -> Callable[..., Any]:
 
     def run_stage(config_path: Path, *overrides: str, rank: int = 0, world_size: int = 1) -> Any:
         from recaption.config import load_config
-        from recaption.stages import StageContext
-        from recaption.stages.caption import run
+        from recaption.stages import StageContext, run
 
         config = load_config(config_path, list(overrides))
-        return run(StageContext(config, rank=rank, world_size=world_size))
+        return run("caption", StageContext(config, rank=rank, world_size=world_size))
 
     return run_stage

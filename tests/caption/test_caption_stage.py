@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from recaption.cli import main
-from recaption.stages.caption import CAPTION_SCHEMA, PROMPT_PRESETS, finish_tokens
+from recaption.schemas import CAPTION_SCHEMA
+from recaption.stages.caption import PROMPT_PRESETS, finish_tokens
 
 
 def tar_keys(tar_path: Path) -> list[str]:

@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from recaption.config import RunConfig, load_config
-from recaption.stages.caption import CAPTION_SCHEMA
+from recaption.schemas import CAPTION_SCHEMA
 
 PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 
 from recaption.cli import main
 from recaption.config import load_config
+from recaption.schemas import FILTERED_SCHEMA
 from recaption.stages import StageContext
-from recaption.stages import filter as filter_stage
-from recaption.stages.filter import FILTERED_SCHEMA
+from recaption.stages import run as run_stage
 
 
 def _filtered(config, shard):
@@ -26,7 +26,7 @@ def _marker(config, shard):
 
 def test_counts_reconcile_and_reasons_are_named(run_inputs, curate):
     config, shards = run_inputs
-    summary = filter_stage.run(StageContext(config))
+    summary = run_stage("filter", StageContext(config))
     assert summary.ok and sorted(summary.shards_ok) == ["00000", "00001"]
     total_in = total_out = 0
     for shard, samples in shards.items():
@@ -66,29 +66,29 @@ def test_counts_reconcile_and_reasons_are_named(run_inputs, curate):
 
 def test_rerun_after_captions_changed_redoes_dependent_shards(run_inputs, curate, caplog):
     config, shards = run_inputs
-    filter_stage.run(StageContext(config))
+    run_stage("filter", StageContext(config))
     before = _marker(config, "00000")
     assert _filtered(config, "00000")["dupa0"]["reason"] == "duplicate"
     # Shard 00001 is recaptioned without the duplicate captions: 3 copies are left, allowed.
     samples = [s for s in shards["00001"] if not s["key"].startswith("dupb")]
     curate.write_caption_shard(config.run_dir, "00001", samples)
-    summary = filter_stage.run(StageContext(config))
+    summary = run_stage("filter", StageContext(config))
     assert sorted(summary.shards_ok) == ["00000", "00001"]
     assert "inputs changed" in caplog.text
     assert _filtered(config, "00000")["dupa0"]["keep"]
     assert set(_filtered(config, "00001")) == {s["key"] for s in samples}
     assert _marker(config, "00000")["n_kept"] == before["n_kept"] + 3
     # Nothing changed: nothing is redone.
-    assert filter_stage.run(StageContext(config)).shards_ok == []
+    assert run_stage("filter", StageContext(config)).shards_ok == []
 
 
 def test_ranks_split_shards_and_agree_with_one_worker(run_inputs, tmp_path):
     config, _ = run_inputs
-    one = [filter_stage.run(StageContext(config, rank=r, world_size=2)) for r in (1, 0)]
+    one = [run_stage("filter", StageContext(config, rank=r, world_size=2)) for r in (1, 0)]
     assert sorted(one[0].shards_ok + one[1].shards_ok) == ["00000", "00001"]
     split = {s: _filtered(config, s) for s in ("00000", "00001")}
     shutil.rmtree(config.filtered_dir)
-    filter_stage.run(StageContext(config))
+    run_stage("filter", StageContext(config))
     assert split == {s: _filtered(config, s) for s in ("00000", "00001")}
 
 
@@ -98,7 +98,7 @@ def test_missing_caption_file_fails_only_that_shard(run_inputs):
     code = main(["filter", str(config.source)])
     assert code == 1
     failure = json.loads((config.filtered_dir / "_ledger" / "00001_failed.json").read_text())
-    assert "00001.parquet is missing" in failure["error"]
+    assert "00001.parquet" in failure["error"] and "rerun `recaption caption" in failure["error"]
     assert (config.filtered_dir / "00000_stats.json").exists()
 
 
@@ -122,7 +122,7 @@ def test_clip_scores_with_tiny_clip_and_run_percentile(run_inputs, tmp_path, cur
         filter={"clip_model": "demo:tiny-clip", "min_clip_percentile": 50, "clip_batch_size": 4},
     )
     config = load_config(cfg)
-    summary = filter_stage.run(StageContext(config))
+    summary = run_stage("filter", StageContext(config))
     assert summary.ok
     assert (models / "tiny-clip" / "model.safetensors").exists()
     rows = {**_filtered(config, "00000"), **_filtered(config, "00001")}

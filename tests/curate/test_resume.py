@@ -17,7 +17,7 @@ import pytest
 from recaption.cli import main
 from recaption.publish import verify_dataset
 from recaption.stages import StageContext
-from recaption.stages import filter as filter_stage
+from recaption.stages import run as run_stage
 
 # The worker holds still right after shard 00000's done marker, so it is killed with shard
 # 00001 unstarted; the test also leaves a half-written temporary, as a kill mid-write would.
@@ -64,7 +64,7 @@ def test_filter_resumes_after_sigkill(run_inputs, tmp_path):
     (out / ".00001.parquet.tmp-99999").write_bytes(b"PAR1 half a file")
     before = (out / "00000.parquet").stat().st_mtime_ns
 
-    summary = filter_stage.run(StageContext(config))
+    summary = run_stage("filter", StageContext(config))
     assert summary.shards_ok == ["00001"] and summary.shards_done_before == 1
     assert (out / "00000.parquet").stat().st_mtime_ns == before  # not redone
     assert not list(out.glob(".00001*"))
@@ -74,7 +74,7 @@ def test_filter_resumes_after_sigkill(run_inputs, tmp_path):
 
 def test_merge_resumes_after_sigkill(run_inputs, tmp_path):
     config, shards = run_inputs
-    assert filter_stage.run(StageContext(config)).ok
+    assert run_stage("filter", StageContext(config)).ok
     _kill_after_first_shard("merge", config.source, tmp_path)
     wds_dir = config.dataset_dir / "webdataset"
     assert (wds_dir / "00000_stats.json").exists() and not (wds_dir / "00001_stats.json").exists()
@@ -92,7 +92,7 @@ def test_merge_resumes_after_sigkill(run_inputs, tmp_path):
 @pytest.mark.parametrize("where", ["middle", "last member", "between samples"])
 def test_truncated_image_tar_fails_that_shard_only(run_inputs, where):
     config, _ = run_inputs
-    assert filter_stage.run(StageContext(config)).ok
+    assert run_stage("filter", StageContext(config)).ok
     tar = config.images_dir / "00000.tar"
     with tarfile.open(tar) as archive:
         members = archive.getmembers()

@@ -14,18 +14,19 @@ from recaption.caption_rules import (
     LanguageFilter,
     LengthFilter,
     RefusalFilter,
+    RunInputs,
     TruncationFilter,
     Verdict,
+    build_rules,
     caption_hash,
     tail_repeats,
 )
 from recaption.config import FilterConfig
-from recaption.stages.filter import build_rules
 
 
 @pytest.fixture(scope="module")
 def rules():
-    return build_rules(FilterConfig(), {})
+    return build_rules(FilterConfig(), RunInputs(duplicate_counts={}))
 
 
 def test_adversarial_captions(rules, curate):
@@ -86,7 +87,9 @@ def test_refusal_phrase_list_is_editable():
     rule = RefusalFilter(phrases=["cannot help"])
     assert not rule.apply("I CANNOT HELP with that.", CaptionSample("k", "")).keep
     assert rule.apply("I'm sorry to see a wet dog.", CaptionSample("k", "")).keep
-    config_rules = build_rules(FilterConfig(refusal_phrases=["lorem ipsum"]), {})
+    config_rules = build_rules(
+        FilterConfig(refusal_phrases=["lorem ipsum"]), RunInputs(duplicate_counts={})
+    )
     assert config_rules.decide(
         CaptionSample("k", "Lorem ipsum dolor sit amet on a red car.")
     ).reason == ("refusal")
@@ -97,7 +100,7 @@ def test_language_rule_keeps_configured_languages_and_can_be_turned_off():
     rule = LanguageFilter(keep_languages=["fr", "en"])
     verdict = rule.apply(french, CaptionSample("k", french))
     assert verdict.keep and verdict.scores["language"] == "fr"
-    off = build_rules(FilterConfig(keep_languages=[]), {})
+    off = build_rules(FilterConfig(keep_languages=[]), RunInputs(duplicate_counts={}))
     assert off.decide(CaptionSample("k", french)).keep
     with pytest.raises(ValueError, match="unknown language code"):
         LanguageFilter(keep_languages=["english"])

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from recaption.config import RunConfig, load_config
 from recaption.ledger import StageSummary
 from recaption.stages import StageContext
+from recaption.stages import run as run_stage
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -43,7 +44,8 @@ def draw_sample(rng: random.Random) -> tuple[bytes, str, str, int, int]:
 
 
 def write_shard(path: Path, n: int, seed: int, corrupt_keys: tuple[str, ...] = ()) -> list[str]:
-    """Write a merge-stage shard: ``{key}.jpg``, ``{key}.txt``, ``{key}.json`` per sample."""
+    """Write a merge-stage shard: ``{key}.jpg``, ``{key}.txt``, ``{key}.json`` per sample,
+    and the merge stage's done marker beside it."""
     rng = random.Random(seed)
     keys = []
     with wds.TarWriter(str(path)) as sink:
@@ -71,6 +73,7 @@ def write_shard(path: Path, n: int, seed: int, corrupt_keys: tuple[str, ...] = (
                 }
             )
             keys.append(key)
+    path.with_name(f"{path.stem}_stats.json").write_text(json.dumps({"n_ok": n}))
     return keys
 
 
@@ -163,7 +166,6 @@ def trained_run(
     truncated = webdataset_dir / "00002.tar"
     write_shard(truncated, 8, seed=2)
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
-    (webdataset_dir / "00000_stats.json").write_text("{}")  # merge's marker: not a shard
     data = {
         "run_dir": str(tmp / "run"),
         "demo": {"models_dir": str(models_dir)},
@@ -177,7 +179,6 @@ def trained_run(
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     config = load_config(path)
-    from recaption.stages import train as train_stage
 
-    summary = train_stage.run(StageContext(config))
+    summary = run_stage("train", StageContext(config))
     return config, summary

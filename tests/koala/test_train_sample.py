@@ -22,6 +22,7 @@ from recaption.cli import main as cli_main
 from recaption.config import RunConfig, load_config
 from recaption.ledger import ConfigMismatchError, StageSummary
 from recaption.stages import StageContext
+from recaption.stages import run as run_stage
 from recaption.stages import sample as sample_stage
 from recaption.stages import train as train_stage
 
@@ -157,8 +158,8 @@ def test_exported_unet_holds_the_ema_weights(trained: RunConfig) -> None:
 
 def test_finished_training_is_not_redone(trained: RunConfig) -> None:
     before = (trained.koala_dir / "pipeline" / "model_index.json").stat().st_mtime_ns
-    summary = train_stage.run(StageContext(trained))
-    assert summary.shards_done_before == 3 and not summary.shards_ok
+    summary = run_stage("train", StageContext(trained))
+    assert summary.shards_done_before == 1 and not summary.shards_ok
     assert (trained.koala_dir / "pipeline" / "model_index.json").stat().st_mtime_ns == before
 
 
@@ -166,7 +167,7 @@ def test_changed_config_is_refused_without_overwrite(trained: RunConfig) -> None
     changed = trained.model_copy(deep=True)
     changed.train.feature_kd_weight = 0.5
     with pytest.raises(ConfigMismatchError, match=r"train\.feature_kd_weight"):
-        train_stage.run(StageContext(changed))
+        run_stage("train", StageContext(changed))
 
 
 def test_sample_stage_writes_grid_parquet_and_teacher_side_by_side(
@@ -174,7 +175,7 @@ def test_sample_stage_writes_grid_parquet_and_teacher_side_by_side(
 ) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from recaption.models.sdxl import build_tiny_clip_tokenizer
+    from recaption.demo.tiny_models import build_tiny_clip_tokenizer
 
     clip_dir = tmp_path / "clip"
     tokenizer = build_tiny_clip_tokenizer()
@@ -212,7 +213,7 @@ def test_sample_stage_writes_grid_parquet_and_teacher_side_by_side(
     config.sample.batch_size = 4
     config.sample.with_teacher = True
     config.sample.clip_model = str(clip_dir)
-    summary = sample_stage.run(StageContext(config))
+    summary = run_stage("sample", StageContext(config))
     assert summary.ok, summary.describe()
     samples = config.samples_dir
     table = pq.read_table(samples / "samples.parquet").to_pylist()
@@ -231,12 +232,12 @@ def test_sample_stage_writes_grid_parquet_and_teacher_side_by_side(
     # Same prompt and seed, same image: sampling is reproducible.
     koala_0 = next(r for r in table if r["model"] == "koala" and r["seed"] == 0)
     first = Image.open(samples / koala_0["file"]).tobytes()
-    summary = sample_stage.run(StageContext(config, overwrite=True))
+    summary = run_stage("sample", StageContext(config, overwrite=True))
     assert summary.shards_done_before == 1  # nothing changed: not sampled again
     # Retrained in place (new weights file): sampled again, reproducibly.
     weights = trained.koala_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
     os.utime(weights, ns=(time.time_ns(), time.time_ns()))
-    summary = sample_stage.run(StageContext(config))
+    summary = run_stage("sample", StageContext(config))
     assert summary.ok and summary.shards_ok == ["samples"]
     assert Image.open(samples / koala_0["file"]).tobytes() == first
 
@@ -274,7 +275,7 @@ def test_kill_then_resume_continues_the_step_counter_also_on_two_processes(
 
     # Resume with one process: starts at the last checkpoint's step, not at 0.
     resumed = load_config(path, [f"train.max_steps={killed_at + 2}"])
-    summary = train_stage.run(StageContext(resumed))
+    summary = run_stage("train", StageContext(resumed))
     assert summary.ok
     steps = [r["step"] for r in read_log(resumed)]
     assert steps[-2:] == [killed_at + 1, killed_at + 2]
@@ -309,18 +310,18 @@ def test_bad_input_is_refused_at_start_up_with_nothing_written(
     # resolution not divisible by the VAE factor
     bad = load_config(path, ["train.resolution=60"])
     with pytest.raises(ValueError, match="not divisible by 8"):
-        train_stage.run(StageContext(bad))
+        run_stage("train", StageContext(bad))
     # teacher folder missing / not SDXL-shaped
     bad = load_config(path, [f"train.teacher={tmp_path / 'nowhere'}"])
     with pytest.raises(FileNotFoundError, match=r"no model_index\.json"):
-        train_stage.run(StageContext(bad))
+        run_stage("train", StageContext(bad))
     sd = tmp_path / "sd15"
     sd.mkdir()
     (sd / "model_index.json").write_text(
         json.dumps({"_class_name": "StableDiffusionPipeline", "unet": [], "vae": []})
     )
     with pytest.raises(ValueError, match=r"not an SDXL pipeline.*text_encoder_2"):
-        train_stage.run(StageContext(load_config(path, [f"train.teacher={sd}"])))
+        run_stage("train", StageContext(load_config(path, [f"train.teacher={sd}"])))
     # unknown preset: exit 2 from the command line, naming the key
     assert cli_main(["train", str(path), "train.preset=koala-300m"]) == 2
     # a corrupt checkpoint folder on resume
@@ -328,7 +329,7 @@ def test_bad_input_is_refused_at_start_up_with_nothing_written(
     broken.mkdir(parents=True)
     (broken / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="checkpoint-00000005 is incomplete or corrupt"):
-        train_stage.run(StageContext(config))
+        run_stage("train", StageContext(config))
     assert cli_main(["train", str(path)]) == 2
     assert not (config.koala_dir / "train_state.json").exists()
     assert not (config.koala_dir / "pipeline").exists()
@@ -336,10 +337,10 @@ def test_bad_input_is_refused_at_start_up_with_nothing_written(
     for tar in (config.run_dir / "dataset" / "webdataset").glob("*.tar"):
         tar.unlink()
     with pytest.raises(FileNotFoundError, match="no training shards"):
-        train_stage.run(StageContext(config))
+        run_stage("train", StageContext(config))
     # sampling before training
     with pytest.raises(FileNotFoundError, match="run `recaption train CONFIG` first"):
-        sample_stage.run(StageContext(config))
+        run_stage("sample", StageContext(config))
 
 
 def test_prompts_file_replaces_the_prompt_list(tmp_path: Path) -> None:
