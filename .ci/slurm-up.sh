@@ -27,6 +27,13 @@ die() { log "ERROR: $*"; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root (it installs packages and starts daemons)"
 
+# A slurm.conf this script did not write belongs to a real SLURM setup: never replace it.
+MARK="# Written by .ci/slurm-up.sh"
+if [[ -e "$CONF" ]] && [[ "$(head -n1 "$CONF")" != "$MARK"* ]]; then
+    die "$CONF exists and was not written by this script: this machine has its own SLURM" \
+        "setup, which it leaves alone (tests/jobs use a running cluster as it is)"
+fi
+
 # --- packages -------------------------------------------------------------------------------
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
     || ! command -v sbatch >/dev/null || ! command -v munged >/dev/null; then

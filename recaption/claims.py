@@ -2,8 +2,9 @@
 
 Two workers must never process the same shard or write the same file, whether they are ranks
 of one job, a rerun started while the first is still alive, or extra workers started to help a
-running stage. Before a worker touches a shard it creates ``_ledger/{shard}.claim`` with
-``O_CREAT | O_EXCL`` (atomic on local file systems and on NFS v3+, Lustre and GPFS), holding
+running stage. Before a worker touches a shard it creates ``_ledger/{shard}.claim`` as a hard
+link of a fully written private file (``link`` fails when the claim exists: atomic on local
+file systems and on NFS, Lustre and GPFS, and a claim is never seen half written), holding
 its host, pid and a random token; a background thread renews the claim's time while the work
 goes on. A claim is stale, and may be taken over, when its holder is a dead process on this
 host, or when it has not been renewed for ``lease_seconds`` (a worker on a node that died).
@@ -96,8 +97,12 @@ class ClaimSet:
         )
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(name)
+        # Written whole under a private name, then linked into place: link() fails when the
+        # claim exists (atomic on NFS too), and a claim is never seen empty.
+        tmp = path.with_name(f".{path.name}.{token}")
+        tmp.write_text(record)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             holder = self.holder(name)
             if holder and holder.get("token") in self._held.values():
@@ -107,15 +112,12 @@ class ClaimSet:
             logger.warning(
                 "taking over the stale claim on %s held by %s", name, describe_holder(holder)
             )
-            tmp = path.with_name(f".{path.name}.{token}")
-            tmp.write_text(record)
             os.replace(tmp, path)
             time.sleep(0.05)  # a racing taker's replace lands now or never
             if (self.holder(name) or {}).get("token") != token:
                 return False
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(record)
+        finally:
+            tmp.unlink(missing_ok=True)
         with self._lock:
             self._held[name] = token
         self._start_renewing()

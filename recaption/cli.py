@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from recaption import __version__
 from recaption.config import ConfigError, RunConfig, load_config
@@ -166,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     verbosity = args.verbose - args.quiet
+    config: RunConfig | None = None
     try:
         rank, world_size = (0, 1)
         if hasattr(args, "rank"):
@@ -204,8 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             publish_dataset(config, args.repo_id, private=args.private, dry_run=args.dry_run)
             return EXIT_OK
     except Exception as exc:
-        from recaption.driver import is_startup_error
+        from recaption.driver import disk_full, disk_full_message, is_startup_error
 
+        full = disk_full(exc)
+        if full is not None:
+            where = config.run_dir if config is not None else Path(args.config).parent
+            logger.error("%s: %s", args.command, disk_full_message(full, where))
+            return EXIT_FAILED
         if is_startup_error(exc):  # the config, or a stage's start-up checks
             logger.error("%s", exc)
             return EXIT_USAGE

@@ -32,6 +32,7 @@ the same start-up validation, fingerprint, input stamp, claim, signals and summa
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import shutil
 import time
@@ -52,6 +53,7 @@ from recaption.ledger import (
     assign,
     list_shards,
     marker_digest,
+    output_problem,
 )
 from recaption.signals import StopRequested, StopSignals
 
@@ -97,6 +99,26 @@ def startup(stage: str, *, validation: bool = False) -> Iterator[None]:
         if validation or isinstance(exc, STARTUP_ERRORS):
             exc.at_startup = True  # type: ignore[attr-defined]
         raise
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The "no space left" (or quota) error in ``exc``'s chain, if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def disk_full_message(error: OSError, where: Path) -> str:
+    """What to say when the disk filled up: the path, and what to do."""
+    path = error.filename or where
+    return (
+        f"disk full: no space left on the device while writing {path}; free space there (or "
+        "move run_dir to a larger disk) and rerun: finished shards are kept and nothing "
+        "half-written was marked done"
+    )
 
 
 def is_startup_error(exc: BaseException) -> bool:
@@ -209,17 +231,9 @@ class ShardedStage(Stage):
     def verify_output(self, shard: str) -> str | None:
         """Why a done shard's output is unusable (missing, unreadable), or None when fine."""
         for suffix in self.output_suffixes:
-            path = self.output_dir / f"{shard}{suffix}"
-            if not path.is_file():
-                return f"{path} is missing"
-            if suffix == ".parquet":
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-
-                try:
-                    pq.read_metadata(path)
-                except (OSError, pa.ArrowInvalid) as exc:
-                    return f"{path} is unreadable ({exc})"
+            problem = output_problem(self.output_dir / f"{shard}{suffix}")
+            if problem is not None:
+                return problem
         return None
 
     def extra_outputs(self, shard: str) -> list[Path]:
@@ -352,16 +366,17 @@ def _run_sharded(stage: ShardedStage) -> StageSummary:
                             summary.interrupted = True
                         if summary.interrupted:
                             break
-                        _process_one(stage, ledger, claims, shard, summary)
+                        if not _process_one(stage, ledger, claims, shard, summary):
+                            break  # the disk is full: every next shard would fail too
         else:
             summary.messages.append(f"{stage.name}: nothing pending for rank {ctx.rank}")
         if not summary.interrupted:
             not_done = [s for s in shards if not ledger.is_done(s)]
             if not_done:
                 summary.messages.append(
-                    f"{stage.name}: {len(not_done)} shard(s) of the run not done yet "
-                    f"({', '.join(not_done[:10])}); run-wide outputs are written when the "
-                    "last one is"
+                    f"{stage.name}: run-wide outputs not written yet: {len(not_done)} shard(s) "
+                    f"of the run not done ({', '.join(not_done[:10])}); they are written when "
+                    f"the last one is (rerun `recaption {stage.name}`)"
                 )
             else:
                 stage.finish(summary)
@@ -402,15 +417,16 @@ def _process_one(
     claims: ClaimSet,
     shard: str,
     summary: StageSummary,
-) -> None:
+) -> bool:
+    """Process one shard; False when the run cannot go on (the disk is full)."""
     if not claims.acquire(shard):
         holder = describe_holder(claims.holder(shard))
         logger.info("%s: shard %s is being processed by %s; leaving it", stage.name, shard, holder)
         summary.messages.append(f"{stage.name}: shard {shard} left to {holder}")
-        return
+        return True
     try:
         if ledger.is_done(shard):  # finished by another worker since we listed it
-            return
+            return True
         ledger.clear_temporaries(shard)  # only the claim holder may
         t0 = time.perf_counter()
         try:
@@ -419,7 +435,7 @@ def _process_one(
             ledger.clear_temporaries(shard)
             summary.interrupted = True
             logger.warning("%s: shard %s abandoned (not marked done)", stage.name, shard)
-            return
+            return True
         except Exception as exc:  # one bad shard never kills the run
             ledger.clear_temporaries(shard)
             if stage.stop.requested:
@@ -429,19 +445,28 @@ def _process_one(
                 logger.warning(
                     "%s: shard %s abandoned after a stop signal (%s)", stage.name, shard, exc
                 )
-                return
-            error = f"{type(exc).__name__}: {exc}"
+                return True
+            full = disk_full(exc)
+            error = (
+                disk_full_message(full, stage.output_dir)
+                if full is not None
+                else f"{type(exc).__name__}: {exc}"
+            )
             logger.error("%s: shard %s failed: %s", stage.name, shard, error)
-            if not isinstance(exc, ShardError):
+            if full is None and not isinstance(exc, ShardError):
                 logger.error("%s", traceback.format_exc())
-            ledger.mark_failed(shard, error)
+            try:
+                ledger.mark_failed(shard, error)
+            except OSError as record_error:  # a full disk takes the record too
+                logger.error("%s: cannot record the failure: %s", stage.name, record_error)
             summary.shards_failed[shard] = error
-            return
+            return full is None
         stats.setdefault("seconds", round(time.perf_counter() - t0, 3))
         ledger.mark_done(shard, stats)
         summary.shards_ok.append(shard)
         summary.samples_ok += int(stats.get("n_ok", 0))
         summary.samples_failed += int(stats.get("n_failed", 0))
+        return True
     finally:
         claims.release(shard)
 
@@ -496,11 +521,12 @@ def _run_single(stage: SingleOutputStage) -> StageSummary:
             return summary
         with stage.stop:
             stats = stage.run_once(summary)
-        if summary.interrupted or summary.shards_failed:
+        if summary.interrupted:
             return summary
         if ctx.rank == 0:
             ledger.mark_done(unit, stats)
-        summary.shards_ok.append(unit)
+        if not summary.shards_ok:  # a stage may report the shards it read instead
+            summary.shards_ok.append(unit)
     finally:
         claims.release_all()
         summary.seconds = time.perf_counter() - start

@@ -124,6 +124,21 @@ def file_signature(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def output_problem(path: Path) -> str | None:
+    """Why a finished output file is unusable (missing, unreadable parquet), or None."""
+    if not path.is_file():
+        return f"{path} is missing"
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            return f"{path} is unreadable ({exc})"
+    return None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file and ``os.replace``."""
     with atomic_path(path) as tmp:

@@ -5,6 +5,11 @@
 ``webdataset/_ledger/``: config and failure records) and temporaries are bookkeeping, not
 data: they are neither listed nor uploaded.
 
+A manifest entry names a file inside ``dataset/`` and nothing else: an entry that is absolute,
+has a ``..`` component or resolves (through symlinks) outside the folder is a problem for
+``verify_dataset``, which does not read it, and ``publish_dataset`` refuses it before anything
+is uploaded (:func:`unsafe_entry`).
+
 ``publish_dataset`` uploads with huggingface_hub's ``upload_large_folder`` (resumable, many
 files, commits in chunks); from huggingface_hub 2 on, that function is gone and
 ``upload_folder`` does the same (batched commits, resumes when rerun), so that is used there.
@@ -13,12 +18,13 @@ The token comes from ``HF_TOKEN`` or ``huggingface-cli login`` and is never prin
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from recaption.config import RunConfig
+from recaption.config import ConfigError, RunConfig
 from recaption.ledger import LEDGER_DIR, STATS_SUFFIX, TMP_TAG, atomic_path
 
 logger = logging.getLogger(__name__)
@@ -82,21 +88,72 @@ def read_manifest(path: Path) -> dict[str, str]:
     return entries
 
 
+def unsafe_entry(dataset_dir: Path, rel: str) -> str | None:
+    """Why the manifest path ``rel`` must not be read or uploaded, or ``None`` when it is safe.
+
+    Safe: a relative path without ``..`` that stays inside ``dataset_dir`` once every symlink
+    is resolved.
+    """
+    if not rel:
+        return "is empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        return "contains control characters"
+    if (
+        rel.startswith(("/", "\\"))
+        or PurePosixPath(rel).is_absolute()
+        or PureWindowsPath(rel).is_absolute()
+        or PureWindowsPath(rel).drive
+    ):
+        return "is an absolute path"
+    if ".." in rel.replace("\\", "/").split("/"):
+        return "contains '..'"
+    root = dataset_dir.resolve()
+    try:
+        target = (dataset_dir / rel).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        return f"cannot be resolved ({exc})"
+    if not target.is_relative_to(root):
+        return f"resolves outside {root} (to {target})"
+    return None
+
+
+def _unsafe_entries(dataset_dir: Path, entries: list[str]) -> list[str]:
+    """One problem per entry that :func:`unsafe_entry` refuses, naming the entry."""
+    problems = []
+    for rel in entries:
+        why = unsafe_entry(dataset_dir, rel)
+        if why is not None:
+            problems.append(
+                f"{dataset_dir / MANIFEST}: entry {rel!r} {why}; a manifest may only list "
+                f"files inside {dataset_dir} (the manifest was edited or tampered with: "
+                "rerun `recaption merge` to rewrite it)"
+            )
+    return problems
+
+
 def verify_dataset(config: RunConfig) -> list[str]:
     """Problems found checking ``dataset/`` against its manifest (empty when all match).
 
-    Names each file that is missing, changed (with both checksums) or not in the manifest.
+    Names each file that is missing, changed (with both checksums) or not in the manifest,
+    and each manifest entry that points outside ``dataset/`` (which is not read).
     """
     dataset_dir = config.dataset_dir
     manifest = dataset_dir / MANIFEST
     if not manifest.exists():
         return [f"{manifest} not found: run `recaption merge` to finish the dataset first"]
+    outside = unsafe_entry(dataset_dir, MANIFEST)
+    if outside is not None:
+        return [f"{manifest} {outside}: not reading it"]
     try:
         entries = read_manifest(manifest)
-    except ValueError as exc:
-        return [str(exc)]
+    except (ValueError, UnicodeDecodeError) as exc:
+        return [f"{manifest}: {exc}"]
     problems = []
     for rel, expected in entries.items():
+        unsafe = _unsafe_entries(dataset_dir, [rel])
+        if unsafe:
+            problems += unsafe
+            continue
         path = dataset_dir / rel
         if not path.is_file():
             problems.append(f"{path}: listed in {MANIFEST} but missing")
@@ -113,39 +170,73 @@ def verify_dataset(config: RunConfig) -> list[str]:
     return problems
 
 
-def publish_dataset(
-    config: RunConfig, repo_id: str, *, private: bool = False, dry_run: bool = False
-) -> None:
-    """Upload ``dataset/`` to the Hub dataset repo ``repo_id`` (after verifying it).
-
-    ``dry_run`` logs the file list (with sizes) and the dataset card instead of uploading.
-    Raises ``RuntimeError`` when the dataset does not verify or the upload fails.
-    """
+def _check_repo_id(repo_id: str) -> None:
+    """Raise ``ConfigError`` unless ``repo_id`` is ``ORG/NAME``."""
     if "/" not in repo_id or repo_id.count("/") != 1:
-        raise ValueError(f"--repo-id {repo_id!r}: expected ORG/NAME, e.g. my-org/laion-recaptioned")
+        raise ConfigError(
+            f"--repo-id {repo_id!r}: expected ORG/NAME, e.g. my-org/laion-recaptioned"
+        )
+
+
+def _refuse_entries_outside(dataset_dir: Path) -> None:
+    """Raise when the manifest, or an entry of it, is outside ``dataset_dir`` (by name)."""
+    unsafe = _unsafe_entries(dataset_dir, [MANIFEST])
+    # No manifest, or not one: verify_dataset names the problem.
+    with contextlib.suppress(OSError, ValueError):
+        if not unsafe:
+            unsafe = _unsafe_entries(dataset_dir, list(read_manifest(dataset_dir / MANIFEST)))
+    if unsafe:
+        raise RuntimeError(
+            "the manifest lists files outside the dataset; not publishing:\n  "
+            + "\n  ".join(unsafe)
+        )
+
+
+def _refuse_unverified(config: RunConfig) -> None:
+    """Raise when ``dataset/`` does not match its manifest, listing every problem."""
     problems = verify_dataset(config)
     if problems:
         raise RuntimeError(
             "the dataset does not match its manifest; not publishing:\n  " + "\n  ".join(problems)
         )
-    dataset_dir = config.dataset_dir
-    files = [MANIFEST, *dataset_files(dataset_dir)]
-    total = sum((dataset_dir / f).stat().st_size for f in files)
-    if dry_run:
-        logger.info(
-            "dry run: would upload %d file(s), %.1f MB, from %s to the dataset repo %s%s:",
-            len(files),
-            total / 1e6,
-            dataset_dir,
-            repo_id,
-            " (private)" if private else "",
-        )
-        for rel in files:
-            logger.info("  %10d  %s", (dataset_dir / rel).stat().st_size, rel)
-        card = dataset_dir / "README.md"
-        logger.info("dataset card (%s):\n%s", card, card.read_text(encoding="utf-8"))
-        return
 
+
+def _files_to_upload(dataset_dir: Path) -> list[str]:
+    """The manifest and every file it checks; raise when one of them may not be uploaded."""
+    files = [MANIFEST, *dataset_files(dataset_dir)]
+    # What is uploaded is exactly what was verified, and every name is also a literal pattern
+    # for allow_patterns (fnmatch): a name with a wildcard could select other files.
+    unsafe = _unsafe_entries(dataset_dir, files)
+    unsafe += [
+        f"{rel!r}: a file name with * ? or [ is not uploaded"
+        for rel in files
+        if set(rel) & set("*?[")
+    ]
+    if unsafe:
+        raise RuntimeError("refusing to publish:\n  " + "\n  ".join(unsafe))
+    return files
+
+
+def _log_dry_run(
+    dataset_dir: Path, repo_id: str, files: list[str], total: int, *, private: bool
+) -> None:
+    """Log what an upload would send (each file with its size) and the dataset card."""
+    logger.info(
+        "dry run: would upload %d file(s), %.1f MB, from %s to the dataset repo %s%s:",
+        len(files),
+        total / 1e6,
+        dataset_dir,
+        repo_id,
+        " (private)" if private else "",
+    )
+    for rel in files:
+        logger.info("  %10d  %s", (dataset_dir / rel).stat().st_size, rel)
+    card = dataset_dir / "README.md"
+    logger.info("dataset card (%s):\n%s", card, card.read_text(encoding="utf-8"))
+
+
+def _upload(dataset_dir: Path, repo_id: str, files: list[str], *, private: bool) -> None:
+    """Create the Hub dataset repo if needed and upload ``files``; ``RuntimeError`` on failure."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -176,4 +267,25 @@ def publish_dataset(
             "Check the network, `huggingface-cli login` (or HF_TOKEN) and write access, then "
             "rerun: the upload resumes where it stopped"
         ) from exc
+
+
+def publish_dataset(
+    config: RunConfig, repo_id: str, *, private: bool = False, dry_run: bool = False
+) -> None:
+    """Upload ``dataset/`` to the Hub dataset repo ``repo_id`` (after verifying it).
+
+    ``dry_run`` logs the file list (with sizes) and the dataset card instead of uploading.
+    Raises ``RuntimeError`` when the dataset does not verify or the upload fails.
+    """
+    _check_repo_id(repo_id)
+    dataset_dir = config.dataset_dir
+    # Manifest entries outside the dataset are refused first, by name, before anything else.
+    _refuse_entries_outside(dataset_dir)
+    _refuse_unverified(config)
+    files = _files_to_upload(dataset_dir)
+    total = sum((dataset_dir / f).stat().st_size for f in files)
+    if dry_run:
+        _log_dry_run(dataset_dir, repo_id, files, total, private=private)
+        return
+    _upload(dataset_dir, repo_id, files, private=private)
     logger.info("published %d file(s) to https://huggingface.co/datasets/%s", len(files), repo_id)

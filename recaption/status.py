@@ -8,24 +8,48 @@ from pathlib import Path
 from typing import Any
 
 from recaption.config import RunConfig
-from recaption.ledger import FAILED_SUFFIX, LEDGER_DIR, STATS_SUFFIX, list_shards
+from recaption.ledger import STATS_SUFFIX, ShardLedger, list_shards, output_problem
 
 SHARDED_STAGES = ("download", "caption", "filter", "merge")
+# The output a done shard must still have, per stage (checked like the stages check it).
+OUTPUT_SUFFIX = {"download": ".tar", "caption": ".parquet", "filter": ".parquet", "merge": ".tar"}
+
+
+class UnreadableMarkerError(ValueError):
+    """A done marker that exists but cannot be read as one."""
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    """A done marker's JSON object; :class:`UnreadableMarkerError` saying why it cannot be read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UnreadableMarkerError(f"cannot be read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UnreadableMarkerError("not valid JSON (not UTF-8 text)") from exc
+    except json.JSONDecodeError as exc:
+        raise UnreadableMarkerError(f"not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        raise UnreadableMarkerError(f"not a JSON object (a {type(data).__name__})")
+    return data
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return _read_marker(path)
+    except UnreadableMarkerError:
         return {}
 
 
 def _sample_counts(stats: dict[str, Any]) -> tuple[int, int]:
-    if "n_ok" in stats:
-        return int(stats.get("n_ok", 0)), int(stats.get("n_failed", 0))
-    # img2dataset's own _stats.json
-    ok = int(stats.get("successes", 0))
-    return ok, int(stats.get("count", ok)) - ok
+    try:
+        if "n_ok" in stats:
+            return int(stats.get("n_ok", 0)), int(stats.get("n_failed", 0))
+        # img2dataset's own _stats.json
+        ok = int(stats.get("successes", 0))
+        return ok, int(stats.get("count", ok)) - ok
+    except (TypeError, ValueError) as exc:
+        raise UnreadableMarkerError(f"sample counts are not numbers ({exc})") from exc
 
 
 def collect_status(config: RunConfig) -> dict[str, Any]:
@@ -34,30 +58,44 @@ def collect_status(config: RunConfig) -> dict[str, Any]:
     upstream: list[str] | None = None
     for stage in SHARDED_STAGES:
         folder = config.stage_dir(stage)
-        done = list_shards(folder, STATS_SUFFIX)
-        failed = list_shards(folder / LEDGER_DIR, FAILED_SUFFIX)
+        # The ledger's own reading of its failure records (in ``_ledger/``), errors included.
+        failures = ShardLedger(stage, folder, {}).failed_shards()
+        failed = sorted(failures)
+        done: list[str] = []
+        unreadable: dict[str, str] = {}
         ok = bad = 0
         seconds = 0.0
         rejections: Counter[str] = Counter()
-        for shard in done:
-            stats = _read_json(folder / f"{shard}{STATS_SUFFIX}")
-            n_ok, n_bad = _sample_counts(stats)
+        for shard in list_shards(folder, STATS_SUFFIX):
+            marker = folder / f"{shard}{STATS_SUFFIX}"
+            try:
+                stats = _read_marker(marker)
+                n_ok, n_bad = _sample_counts(stats)
+                shard_seconds = float(stats.get("seconds", stats.get("duration", 0.0)) or 0.0)
+                shard_rejections = Counter(
+                    {str(k): int(v) for k, v in (stats.get("rejected") or {}).items()}
+                )
+            except (UnreadableMarkerError, AttributeError, TypeError, ValueError) as exc:
+                # Counted neither as done nor as zero samples: a person has to look at it.
+                unreadable[shard] = f"{_relative(marker, config)}: {exc}"
+                continue
+            problem = output_problem(folder / f"{shard}{OUTPUT_SUFFIX[stage]}")
+            if problem is not None:  # the stage redoes it when it runs next
+                unreadable[shard] = f"marked done but {problem}; rerun `recaption {stage}`"
+                continue
+            done.append(shard)
             ok, bad = ok + n_ok, bad + n_bad
-            seconds += float(stats.get("seconds", stats.get("duration", 0.0)) or 0.0)
-            rejections.update(stats.get("rejected", {}))
-        inputs = (
-            sorted(set(upstream or []) | set(done) | set(failed))
-            if upstream is not None
-            else sorted(set(done) | set(failed))
-        )
+            seconds += shard_seconds
+            rejections.update(shard_rejections)
+        inputs = sorted(set(upstream or []) | set(done) | set(failed) | set(unreadable))
         pending = [s for s in inputs if s not in set(done)]
         report["stages"][stage] = {
             "shards_done": len(done),
             "shards_failed": len(failed),
             "shards_pending": len(pending),
-            "failed": {
-                s: _read_json(folder / f"{s}{FAILED_SUFFIX}").get("error", "") for s in failed
-            },
+            "shards_unreadable": len(unreadable),
+            "failed": failures,
+            "unreadable": unreadable,
             "samples_ok": ok,
             "samples_failed": bad,
             "rejections": dict(rejections.most_common()),
@@ -81,6 +119,14 @@ def collect_status(config: RunConfig) -> dict[str, Any]:
     return report
 
 
+def _relative(path: Path, config: RunConfig) -> str:
+    """``path`` relative to the run directory when it is inside it (``images/00001_stats.json``)."""
+    try:
+        return str(path.relative_to(config.run_dir))
+    except ValueError:
+        return str(path)
+
+
 def format_status(report: dict[str, Any]) -> str:
     """The report as a small table for people."""
     lines = [
@@ -102,6 +148,8 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(f"    rejected by rule: {reasons}")
         for shard, error in s["failed"].items():
             lines.append(f"    failed {stage} shard {shard}: {error}")
+        for shard, problem in s.get("unreadable", {}).items():
+            lines.append(f"    unreadable {stage} marker of shard {shard}: {problem}")
     train = report["stages"]["train"]
     lines.append(
         f"train: step {train.get('step', 0)}"

@@ -111,36 +111,22 @@ def _tiny_tokenizer(chat_template: str) -> Any:
     )
 
 
-def build_tiny_llava(path: Path, variant: str = "llava-1.5", seed: int = 0) -> Path:
-    """Build a tiny random LLaVA-1.5 or LLaVA-NeXT and ``save_pretrained`` it into ``path``.
+# The tiny LLaVA's vision tower: 32 px images cut into 8 px patches.
+_TINY_LLAVA_IMAGE_SIZE = 32
+_TINY_LLAVA_PATCH_SIZE = 8
+# CLIP's pixel normalisation, as in the llava-hf image processors.
+_CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-    The real classes at toy sizes: a CLIP vision tower on 32 px images (8 px patches), a
-    2-layer Llama with hidden size 64, and a byte-level BPE tokenizer trained on the spot with
-    an ``<image>`` token and the checkpoint family's chat template. The build is seeded, so the
-    same ``seed`` gives the same weights and tokenizer. Returns ``path``.
+
+def _tiny_llava_config_kwargs(tokenizer: Any) -> dict[str, Any]:
+    """The arguments ``LlavaConfig`` and ``LlavaNextConfig`` share, sized for ``tokenizer``.
+
+    A CLIP vision tower on 32 px images (8 px patches) and a 2-layer Llama, hidden size 64.
     """
-    import torch
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        GenerationConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-        LlavaProcessor,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    if variant not in TINY_VARIANTS:
-        raise ValueError(f"unknown tiny LLaVA variant {variant!r}; use one of {TINY_VARIANTS}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    template = LLAVA_15_CHAT_TEMPLATE if variant == "llava-1.5" else LLAVA_NEXT_CHAT_TEMPLATE
-    tokenizer = _tiny_tokenizer(template)
-    image_size, patch_size = 32, 8
+    image_size, patch_size = _TINY_LLAVA_IMAGE_SIZE, _TINY_LLAVA_PATCH_SIZE
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -164,7 +150,7 @@ def build_tiny_llava(path: Path, variant: str = "llava-1.5", seed: int = 0) -> P
     )
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     n_patches = (image_size // patch_size) ** 2
-    common = {
+    return {
         "vision_config": vision,
         "text_config": text,
         "image_token_index": image_token_id,
@@ -172,39 +158,82 @@ def build_tiny_llava(path: Path, variant: str = "llava-1.5", seed: int = 0) -> P
         "vision_feature_layer": -2,
         "image_seq_length": n_patches,
     }
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    proc_kw = {
-        "patch_size": patch_size,
+
+
+def _tiny_llava_processor_kwargs() -> dict[str, Any]:
+    """The processor arguments both variants share (how many image tokens a picture takes)."""
+    return {
+        "patch_size": _TINY_LLAVA_PATCH_SIZE,
         "vision_feature_select_strategy": "default",
         "num_additional_image_tokens": 1,  # the CLS token, as in the llava-hf processors
     }
-    torch.manual_seed(seed)
-    if variant == "llava-1.5":
-        config = LlavaConfig(**common)
-        model = LlavaForConditionalGeneration(config)
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            image_mean=mean,
-            image_std=std,
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **proc_kw
-        )
-    else:
-        pinpoints = [[32, 64], [64, 32], [64, 64]]
-        config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
-        model = LlavaNextForConditionalGeneration(config)
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            image_grid_pinpoints=pinpoints,
-            image_mean=mean,
-            image_std=std,
-        )
-        processor = LlavaNextProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **proc_kw
-        )
+
+
+def _tiny_llava_15(config_kw: dict[str, Any], tokenizer: Any, template: str) -> tuple[Any, Any]:
+    """A random ``LlavaForConditionalGeneration`` and its ``LlavaProcessor``."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    image_size = _TINY_LLAVA_IMAGE_SIZE
+    model = LlavaForConditionalGeneration(LlavaConfig(**config_kw))
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(_CLIP_IMAGE_MEAN),
+        image_std=list(_CLIP_IMAGE_STD),
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=template,
+        **_tiny_llava_processor_kwargs(),
+    )
+    return model, processor
+
+
+def _tiny_llava_next(config_kw: dict[str, Any], tokenizer: Any, template: str) -> tuple[Any, Any]:
+    """A random ``LlavaNextForConditionalGeneration`` and its ``LlavaNextProcessor``.
+
+    The any-resolution grid goes up to 64x64 px (2x2 tiles of 32 px).
+    """
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    image_size = _TINY_LLAVA_IMAGE_SIZE
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    model = LlavaNextForConditionalGeneration(
+        LlavaNextConfig(**config_kw, image_grid_pinpoints=pinpoints)
+    )
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+        image_mean=list(_CLIP_IMAGE_MEAN),
+        image_std=list(_CLIP_IMAGE_STD),
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=template,
+        **_tiny_llava_processor_kwargs(),
+    )
+    return model, processor
+
+
+def _save_tiny_llava(
+    path: Path, model: Any, processor: Any, tokenizer: Any, variant: str, seed: int
+) -> None:
+    """Give ``model`` the tokenizer's special tokens to generate with and save everything."""
+    from transformers import GenerationConfig
+
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -216,6 +245,29 @@ def build_tiny_llava(path: Path, variant: str = "llava-1.5", seed: int = 0) -> P
     (path / "recaption_tiny.json").write_text(
         json.dumps({"variant": variant, "seed": seed, "note": "random weights"}, indent=2)
     )
+
+
+def build_tiny_llava(path: Path, variant: str = "llava-1.5", seed: int = 0) -> Path:
+    """Build a tiny random LLaVA-1.5 or LLaVA-NeXT and ``save_pretrained`` it into ``path``.
+
+    The real classes at toy sizes: a CLIP vision tower on 32 px images (8 px patches), a
+    2-layer Llama with hidden size 64, and a byte-level BPE tokenizer trained on the spot with
+    an ``<image>`` token and the checkpoint family's chat template. The build is seeded, so the
+    same ``seed`` gives the same weights and tokenizer. Returns ``path``.
+    """
+    import torch
+
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"unknown tiny LLaVA variant {variant!r}; use one of {TINY_VARIANTS}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    template = LLAVA_15_CHAT_TEMPLATE if variant == "llava-1.5" else LLAVA_NEXT_CHAT_TEMPLATE
+    tokenizer = _tiny_tokenizer(template)
+    config_kw = _tiny_llava_config_kwargs(tokenizer)
+    torch.manual_seed(seed)
+    build = _tiny_llava_15 if variant == "llava-1.5" else _tiny_llava_next
+    model, processor = build(config_kw, tokenizer, template)
+    _save_tiny_llava(path, model, processor, tokenizer, variant, seed)
     return path
 
 
@@ -344,30 +396,15 @@ def build_tiny_clip_tokenizer(model_max_length: int = 77) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
-    """Write a tiny, randomly initialised ``StableDiffusionXLPipeline`` folder to ``path``.
+def _tiny_sdxl_text_encoders(tokenizer: Any) -> tuple[Any, Any]:
+    """SDXL's two text encoders at toy width, both for ``tokenizer``.
 
-    Same classes and folder layout as ``stabilityai/stable-diffusion-xl-base-1.0``; weights
-    as safetensors. The VAE downsamples by 8 like SDXL's, so a 64x64 image has 8x8 latents.
+    A ``CLIPTextModel`` and a ``CLIPTextModelWithProjection`` (the pooled embedding).
     """
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(seed)
-    tokenizer = build_tiny_clip_tokenizer()
-    vocab_size = len(tokenizer)
     common = {
-        "vocab_size": vocab_size,
+        "vocab_size": len(tokenizer),
         "max_position_embeddings": tokenizer.model_max_length,
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
@@ -387,8 +424,14 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
             **common,
         )
     )
-    unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
-    vae = AutoencoderKL(
+    return text_encoder, text_encoder_2
+
+
+def _tiny_sdxl_vae() -> Any:
+    """A small ``AutoencoderKL`` that downsamples by 8 and scales latents like SDXL's VAE."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
@@ -400,8 +443,13 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         sample_size=64,
         scaling_factor=0.13025,  # SDXL's VAE scaling factor
     )
-    # The scheduler config of SDXL-Base-1.0.
-    scheduler = EulerDiscreteScheduler(
+
+
+def _sdxl_base_scheduler() -> Any:
+    """The ``EulerDiscreteScheduler`` with the scheduler config of SDXL-Base-1.0."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -412,6 +460,24 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         interpolation_type="linear",
         use_karras_sigmas=False,
     )
+
+
+def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+    """Write a tiny, randomly initialised ``StableDiffusionXLPipeline`` folder to ``path``.
+
+    Same classes and folder layout as ``stabilityai/stable-diffusion-xl-base-1.0``; weights
+    as safetensors. The VAE downsamples by 8 like SDXL's, so a 64x64 image has 8x8 latents.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    # Built in this order from one seeded generator: the weights depend on it.
+    text_encoder, text_encoder_2 = _tiny_sdxl_text_encoders(tokenizer)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
+    vae = _tiny_sdxl_vae()
+    scheduler = _sdxl_base_scheduler()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -202,6 +202,104 @@ def noisy_alt_text(rng: random.Random, index: int, truth: dict[str, object]) -> 
     return f"{colour.capitalize()} {shape} on a {truth['background']} background"
 
 
+# The metadata parquet's columns: LAION's names and types.
+METADATA_SCHEMA = pa.schema(
+    [
+        ("URL", pa.string()),
+        ("TEXT", pa.string()),
+        ("WIDTH", pa.float64()),
+        ("HEIGHT", pa.float64()),
+        ("similarity", pa.float64()),
+        ("hash", pa.int64()),
+        ("punsafe", pa.float32()),
+        ("pwatermark", pa.float32()),
+        ("AESTHETIC_SCORE", pa.float32()),
+    ]
+)
+
+
+def _existing_world(world: World, stamp: dict[str, int]) -> bool:
+    """Whether ``world`` is already drawn with ``stamp``; a world drawn otherwise is removed."""
+    done = world.root / "world.json"
+    if done.exists() and json.loads(done.read_text()) == stamp:
+        return True
+    if world.root.exists():
+        logger.info("demo world in %s was made with other settings; redrawing it", world.root)
+        shutil.rmtree(world.root)
+    return False
+
+
+def _bad_url_positions(rng: random.Random, n_images: int) -> dict[int, str]:
+    """image index -> kind of bad URL, for a few images, every kind at least once."""
+    n_bad = max(len(BAD_URL_KINDS), n_images // 40)
+    return dict(
+        zip(
+            rng.sample(range(n_images), n_bad),
+            (BAD_URL_KINDS[i % len(BAD_URL_KINDS)] for i in range(n_bad)),
+            strict=True,
+        )
+    )
+
+
+def _save_image(rng: random.Random, files: Path, i: int) -> tuple[str, bytes, dict[str, object]]:
+    """Draw image ``i``, write it to ``files`` (JPEG, or PNG for one in ten).
+
+    Returns its file name, its bytes and its ground truth.
+    """
+    image, truth = draw_image(rng)
+    fmt = "png" if rng.random() < 0.1 else "jpg"
+    name = f"{i:05d}.{fmt}"
+    buf = io.BytesIO()
+    image.save(buf, "PNG" if fmt == "png" else "JPEG", quality=rng.randint(80, 95))
+    data = buf.getvalue()
+    (files / name).write_bytes(data)
+    return name, data, truth
+
+
+def _add_laion_row(
+    rows: dict[str, list[object]],
+    rng: random.Random,
+    url: str,
+    alt_text: str,
+    data: bytes,
+    truth: dict[str, object],
+) -> None:
+    """Append one image's metadata row: its URL, alt-text and LAION-like sizes and scores."""
+    # LAION's WIDTH/HEIGHT are the source's; a few are missing, as in the real metadata.
+    rows["URL"].append(url)
+    rows["TEXT"].append(alt_text)
+    rows["WIDTH"].append(None if rng.random() < 0.02 else truth["width"])
+    rows["HEIGHT"].append(None if rng.random() < 0.02 else truth["height"])
+    rows["similarity"].append(round(rng.uniform(0.25, 0.4), 4))
+    rows["hash"].append(int.from_bytes(hashlib.sha256(data).digest()[:8], "big", signed=True))
+    rows["punsafe"].append(
+        round(rng.betavariate(1.2, 25) if rng.random() > 0.03 else rng.uniform(0.6, 1.0), 5)
+    )
+    rows["pwatermark"].append(
+        round(rng.betavariate(1.5, 6) if rng.random() > 0.05 else rng.uniform(0.85, 1.0), 5)
+    )
+    rows["AESTHETIC_SCORE"].append(round(min(7.8, max(4.5, rng.gauss(6.15, 0.35))), 4))
+
+
+def _draw_world(
+    tmp: Path, n_images: int, seed: int
+) -> tuple[dict[str, list[object]], dict[str, list[object]]]:
+    """Draw every image into ``tmp/files``; return the metadata and ground-truth columns."""
+    rng = random.Random(seed)
+    rows: dict[str, list[object]] = {name: [] for name in METADATA_SCHEMA.names}
+    truth_rows: dict[str, list[object]] = {"URL": [], "kind": [], "attributes": []}
+    bad_at = _bad_url_positions(rng, n_images)
+    for i in range(n_images):
+        name, data, truth = _save_image(rng, tmp / "files", i)
+        kind = bad_at.get(i, "files")
+        url = f"{DEMO_HOST}/{kind}/{name}"
+        _add_laion_row(rows, rng, url, noisy_alt_text(rng, i, truth), data, truth)
+        truth_rows["URL"].append(url)
+        truth_rows["kind"].append(kind)
+        truth_rows["attributes"].append(json.dumps(truth))
+    return rows, truth_rows
+
+
 def generate_world(root: Path, n_images: int = 400, seed: int = 0) -> World:
     """Draw the demo world into ``root`` (once; an existing complete world is reused).
 
@@ -210,80 +308,13 @@ def generate_world(root: Path, n_images: int = 400, seed: int = 0) -> World:
     """
     world = World(Path(root))
     stamp = {"version": WORLD_VERSION, "n_images": n_images, "seed": seed}
-    done = world.root / "world.json"
-    if done.exists() and json.loads(done.read_text()) == stamp:
+    if _existing_world(world, stamp):
         return world
-    if world.root.exists():
-        logger.info("demo world in %s was made with other settings; redrawing it", world.root)
-        shutil.rmtree(world.root)
     tmp = world.root.with_name(f".{world.root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "files").mkdir(parents=True)
-    rng = random.Random(seed)
-    rows: dict[str, list[object]] = {
-        k: []
-        for k in (
-            "URL",
-            "TEXT",
-            "WIDTH",
-            "HEIGHT",
-            "similarity",
-            "hash",
-            "punsafe",
-            "pwatermark",
-            "AESTHETIC_SCORE",
-        )
-    }
-    truth_rows: dict[str, list[object]] = {"URL": [], "kind": [], "attributes": []}
-    n_bad = max(len(BAD_URL_KINDS), n_images // 40)
-    bad_at = dict(
-        zip(
-            rng.sample(range(n_images), n_bad),
-            (BAD_URL_KINDS[i % len(BAD_URL_KINDS)] for i in range(n_bad)),
-            strict=True,
-        )
-    )
-    for i in range(n_images):
-        image, truth = draw_image(rng)
-        fmt = "png" if rng.random() < 0.1 else "jpg"
-        name = f"{i:05d}.{fmt}"
-        buf = io.BytesIO()
-        image.save(buf, "PNG" if fmt == "png" else "JPEG", quality=rng.randint(80, 95))
-        data = buf.getvalue()
-        (tmp / "files" / name).write_bytes(data)
-        kind = bad_at.get(i, "files")
-        url = f"{DEMO_HOST}/{kind}/{name}"
-        # LAION's WIDTH/HEIGHT are the source's; a few are missing, as in the real metadata.
-        rows["URL"].append(url)
-        rows["TEXT"].append(noisy_alt_text(rng, i, truth))
-        rows["WIDTH"].append(None if rng.random() < 0.02 else truth["width"])
-        rows["HEIGHT"].append(None if rng.random() < 0.02 else truth["height"])
-        rows["similarity"].append(round(rng.uniform(0.25, 0.4), 4))
-        rows["hash"].append(int.from_bytes(hashlib.sha256(data).digest()[:8], "big", signed=True))
-        rows["punsafe"].append(
-            round(rng.betavariate(1.2, 25) if rng.random() > 0.03 else rng.uniform(0.6, 1.0), 5)
-        )
-        rows["pwatermark"].append(
-            round(rng.betavariate(1.5, 6) if rng.random() > 0.05 else rng.uniform(0.85, 1.0), 5)
-        )
-        rows["AESTHETIC_SCORE"].append(round(min(7.8, max(4.5, rng.gauss(6.15, 0.35))), 4))
-        truth_rows["URL"].append(url)
-        truth_rows["kind"].append(kind)
-        truth_rows["attributes"].append(json.dumps(truth))
-    schema = pa.schema(
-        [
-            ("URL", pa.string()),
-            ("TEXT", pa.string()),
-            ("WIDTH", pa.float64()),
-            ("HEIGHT", pa.float64()),
-            ("similarity", pa.float64()),
-            ("hash", pa.int64()),
-            ("punsafe", pa.float32()),
-            ("pwatermark", pa.float32()),
-            ("AESTHETIC_SCORE", pa.float32()),
-        ]
-    )
-    pq.write_table(pa.table(rows, schema=schema), tmp / "metadata.parquet")
+    rows, truth_rows = _draw_world(tmp, n_images, seed)
+    pq.write_table(pa.table(rows, schema=METADATA_SCHEMA), tmp / "metadata.parquet")
     pq.write_table(pa.table(truth_rows), tmp / "truth.parquet")
     (tmp / "world.json").write_text(json.dumps(stamp))
     world.root.parent.mkdir(parents=True, exist_ok=True)

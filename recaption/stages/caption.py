@@ -364,20 +364,16 @@ class ShardCaptioner:
                 n_new += n_generated
         return rows, n_new
 
-    def caption_shard(self, shard: str) -> dict[str, Any]:
-        """Caption one shard and write ``captions/{shard}.parquet``; returns its stats."""
+    def caption_batches(self, tar_path: Path, shard: str) -> tuple[list[dict], int, float]:
+        """Stream one shard through the DataLoader and the model, batch by batch.
+
+        Returns the rows (tar order), the new tokens generated and the seconds the model sat
+        idle for want of decoded images.
+        """
         import torch
         from torch.utils.data import DataLoader
         from tqdm import tqdm
 
-        images_dir = self.config.images_dir
-        tar_path = images_dir / f"{shard}.tar"
-        if not tar_path.exists():
-            raise ShardError(
-                f"{tar_path} is missing although {shard}{STATS_SUFFIX} marks the download done; "
-                "delete the marker and rerun the download for this shard"
-            )
-        start = time.perf_counter()
         dataset = ShardBatches(tar_path, self.captioner.processor, self.template, self.section)
         workers = self.section.num_workers
         loader = DataLoader(
@@ -399,7 +395,7 @@ class ShardCaptioner:
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        waiting = 0.0  # time the model sat idle for want of decoded images
+        waiting = 0.0
         batches = None
         try:
             batches = iter(loader)
@@ -426,7 +422,19 @@ class ShardCaptioner:
             del loader
         if torch.cuda.is_available() and self.captioner.device.startswith("cuda"):
             torch.cuda.synchronize()
+        return rows, n_new_tokens, waiting
 
+    def caption_shard(self, shard: str) -> dict[str, Any]:
+        """Caption one shard and write ``captions/{shard}.parquet``; returns its stats."""
+        images_dir = self.config.images_dir
+        tar_path = images_dir / f"{shard}.tar"
+        if not tar_path.exists():
+            raise ShardError(
+                f"{tar_path} is missing although {shard}{STATS_SUFFIX} marks the download done; "
+                "delete the marker and rerun the download for this shard"
+            )
+        start = time.perf_counter()
+        rows, n_new_tokens, waiting = self.caption_batches(tar_path, shard)
         expected = expected_keys(images_dir, shard)
         seen = {row["key"] for row in rows}
         if expected is not None and not expected <= seen:
@@ -437,19 +445,33 @@ class ShardCaptioner:
                 f"{missing[0]!r}): the tar is probably truncated; delete it with its "
                 "_stats.json and rerun the download for this shard"
             )
-
-        out = self.output_dir / f"{shard}.parquet"
-        with atomic_path(out) as tmp:
+        with atomic_path(self.output_dir / f"{shard}.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA), tmp)
+        stats = self.shard_stats(rows, n_new_tokens, time.perf_counter() - start, waiting)
+        logger.info(
+            "caption: shard %s done: %d images (%d ok, %d failed), %.1f images/s, "
+            "%.0f new tokens/s, %.1fs",
+            shard,
+            len(rows),
+            stats["n_ok"],
+            stats["n_failed"],
+            stats["images_per_s"] or 0.0,
+            stats["new_tokens_per_s"] or 0.0,
+            stats["seconds"],
+        )
+        return stats
 
-        seconds = time.perf_counter() - start
+    def shard_stats(
+        self, rows: list[dict[str, Any]], n_new_tokens: int, seconds: float, waiting: float
+    ) -> dict[str, Any]:
+        """The shard's done-marker stats: counts, speed, error histogram, provenance."""
         n_ok = sum(row["status"] == "ok" for row in rows)
         errors: dict[str, int] = {}
         for row in rows:
             if row["error"]:
                 reason = row["error"].split(":")[0].split("(")[0].strip()
                 errors[reason] = errors.get(reason, 0) + 1
-        stats = {
+        return {
             "n_input": len(rows),
             "n_ok": n_ok,
             "n_failed": len(rows) - n_ok,
@@ -466,18 +488,6 @@ class ShardCaptioner:
             "world_size": self.world_size,
             "device": self.captioner.device,
         }
-        logger.info(
-            "caption: shard %s done: %d images (%d ok, %d failed), %.1f images/s, "
-            "%.0f new tokens/s, %.1fs",
-            shard,
-            len(rows),
-            n_ok,
-            len(rows) - n_ok,
-            stats["images_per_s"] or 0.0,
-            stats["new_tokens_per_s"] or 0.0,
-            seconds,
-        )
-        return stats
 
 
 # -- the stage -----------------------------------------------------------------------------------

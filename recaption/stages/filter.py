@@ -324,6 +324,36 @@ class ClipScores:
 
 
 # -- one shard ------------------------------------------------------------------------------
+def _caption_columns(table: pa.Table) -> tuple[list[Any], ...]:
+    """``key, caption, status, finish_reason, original_text`` of a caption table as lists."""
+    keys = table.column("key").to_pylist()
+    originals = (
+        table.column("original_text").to_pylist()
+        if "original_text" in table.column_names
+        else [None] * len(keys)
+    )
+    return (
+        keys,
+        table.column("caption").to_pylist(),
+        table.column("status").to_pylist(),
+        table.column("finish_reason").to_pylist(),
+        originals,
+    )
+
+
+def _filtered_table(keys: list[Any], decisions: list[tuple[bool, Any, str, dict]]) -> pa.Table:
+    """The filtered table: key, decision, cleaned caption and every score column."""
+    columns: dict[str, list[Any]] = {
+        "key": [k if isinstance(k, str) else str(k or "") for k in keys],
+        "keep": [d[0] for d in decisions],
+        "reason": [d[1] for d in decisions],
+        "caption_clean": [d[2] for d in decisions],
+    }
+    for name in SCORE_COLUMNS:
+        columns[name] = [d[3].get(name) for d in decisions]
+    return pa.table(columns, schema=FILTERED_SCHEMA)
+
+
 def filter_table(
     table: pa.Table,
     rules: CaptionRules,
@@ -338,72 +368,43 @@ def filter_table(
     status is ``ok``, in order (as :class:`DuplicateTable` computed them), so they are not
     computed twice.
     """
-    keys = table.column("key").to_pylist()
-    captions = table.column("caption").to_pylist()
-    statuses = table.column("status").to_pylist()
-    finish = table.column("finish_reason").to_pylist()
-    originals = (
-        table.column("original_text").to_pylist()
-        if "original_text" in table.column_names
-        else [None] * len(keys)
-    )
-    out_keep: list[bool] = []
-    out_reason: list[str | None] = []
-    out_clean: list[str] = []
-    out_scores: list[dict[str, Any]] = []
+    keys, captions, statuses, finish, originals = _caption_columns(table)
     hashes = caption_hashes.tolist() if caption_hashes is not None else None
-    n_ok_rows = 0
+    decisions: list[tuple[bool, Any, str, dict]] = []
+    n_ok_rows = n_trimmed = n_rewritten = 0
     rejected: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     seen: set[str] = set()
-    n_trimmed = n_rewritten = 0
     for i, key in enumerate(keys):
         if stop is not None and i % 2048 == 0:
             stop.check()
         key = "" if key is None else str(key)
-        scores: dict[str, Any] = {}
         digest = None
         if statuses[i] == "ok":
             if hashes is not None and n_ok_rows < len(hashes):
                 digest = hashes[n_ok_rows]
             n_ok_rows += 1
         if key in seen or not key:
-            keep, reason, clean = False, DUPLICATE_KEY if key else "missing_key", ""
+            reason = DUPLICATE_KEY if key else "missing_key"
+            decisions.append((False, reason, "", {}))
             errors[reason] += 1
             logger.warning("shard %s: row %d has %s key %r", shard, i, reason, key)
         elif statuses[i] != "ok":
-            keep, reason, clean = False, CAPTION_ERROR, ""
-            errors[reason] += 1
+            decisions.append((False, CAPTION_ERROR, "", {}))
+            errors[CAPTION_ERROR] += 1
         else:
             caption = captions[i] if isinstance(captions[i], str) else ""
-            sample = CaptionSample(key, caption, finish[i], originals[i], digest)
-            decision = rules.decide(sample)
-            keep, reason, clean, scores = (
-                decision.keep,
-                decision.reason,
-                decision.caption_clean,
-                decision.scores,
-            )
-            if keep:
-                n_trimmed += bool(scores.get("trimmed_chars"))
-                n_rewritten += bool(scores.get("boilerplate_opening")) and clean != caption
+            d = rules.decide(CaptionSample(key, caption, finish[i], originals[i], digest))
+            decisions.append((d.keep, d.reason, d.caption_clean, d.scores))
+            if d.keep:
+                n_trimmed += bool(d.scores.get("trimmed_chars"))
+                n_rewritten += bool(d.scores.get("boilerplate_opening")) and (
+                    d.caption_clean != caption
+                )
             else:
-                rejected[reason or "unknown"] += 1
+                rejected[d.reason or "unknown"] += 1
         seen.add(key)
-        out_keep.append(keep)
-        out_reason.append(reason)
-        out_clean.append(clean)
-        out_scores.append(scores)
-    columns: dict[str, list[Any]] = {
-        "key": [k if isinstance(k, str) else str(k or "") for k in keys],
-        "keep": out_keep,
-        "reason": out_reason,
-        "caption_clean": out_clean,
-    }
-    for name in SCORE_COLUMNS:
-        columns[name] = [s.get(name) for s in out_scores]
-    result = pa.table(columns, schema=FILTERED_SCHEMA)
-    n_kept = sum(out_keep)
+    n_kept = sum(d[0] for d in decisions)
     stats = {
         "n_input": len(keys),
         "n_kept": n_kept,
@@ -417,7 +418,7 @@ def filter_table(
     }
     if stats["n_input"] != n_kept + stats["n_rejected"] + stats["n_failed"]:  # pragma: no cover
         raise AssertionError(f"shard {shard}: counts do not add up: {stats}")
-    return result, stats
+    return _filtered_table(keys, decisions), stats
 
 
 class FilterStage(ShardedStage):

@@ -108,9 +108,10 @@ def iter_image_samples(path: Path, shard: str) -> Iterator[tuple[str, dict[str, 
         )
 
 
-def merge_shard(config: RunConfig, shard: str, stop: StopSignals | None = None) -> dict[str, Any]:
-    """Write one shard's webdataset tar and parquet table; return its counts."""
-    section = config.merge
+def read_decisions(
+    config: RunConfig, shard: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], set[str]]:
+    """A shard's filter decisions and caption rows by key, and the kept keys (inputs checked)."""
     images = config.images_dir / f"{shard}.tar"
     captions_path = config.captions_dir / f"{shard}.parquet"
     filtered_path = config.filtered_dir / f"{shard}.parquet"
@@ -122,9 +123,8 @@ def merge_shard(config: RunConfig, shard: str, stop: StopSignals | None = None) 
     for path, stage in ((captions_path, "caption"), (filtered_path, "filter")):
         if not path.exists():
             raise ShardError(f"shard {shard}: {path} is missing; rerun `recaption {stage}`")
-    filtered = pq.read_table(filtered_path).to_pylist()
+    decisions = {r["key"]: r for r in pq.read_table(filtered_path).to_pylist()}
     caption_rows = {r["key"]: r for r in pq.read_table(captions_path).to_pylist()}
-    decisions = {r["key"]: r for r in filtered}
     kept = {k for k, r in decisions.items() if r["keep"]}
     missing_caption = [k for k in kept if k not in caption_rows]
     if missing_caption:
@@ -133,7 +133,88 @@ def merge_shard(config: RunConfig, shard: str, stop: StopSignals | None = None) 
             f"{captions_path} (first: {missing_caption[0]!r}); the captions changed after "
             "filtering: rerun `recaption filter`"
         )
+    return decisions, caption_rows, kept
 
+
+def dataset_row(
+    key: str,
+    ext: str,
+    files: dict[str, bytes],
+    decision: dict[str, Any],
+    caption: dict[str, Any],
+) -> dict[str, Any]:
+    """One published row: the sample's metadata, both captions and every filter score."""
+    try:
+        meta = json.loads(files.get("json", b"{}") or b"{}")
+    except json.JSONDecodeError:
+        meta = {}
+    return {
+        "key": key,
+        "url": _first(meta, "url"),
+        "image_sha256": hashlib.sha256(files[ext]).hexdigest(),
+        "image_format": "jpg" if ext == "jpeg" else ext,
+        "original_text": _first(caption, "original_text")
+        or _first(meta, "caption")
+        or files.get("txt", b"").decode("utf-8", "replace"),
+        "synthetic_caption": decision["caption_clean"],
+        "synthetic_caption_raw": caption.get("caption"),
+        "caption_model": caption.get("model"),
+        "prompt": caption.get("prompt"),
+        "finish_reason": caption.get("finish_reason"),
+        "width": _first(meta, "width", "WIDTH"),
+        "height": _first(meta, "height", "HEIGHT"),
+        "original_width": _first(meta, "original_width", "WIDTH"),
+        "original_height": _first(meta, "original_height", "HEIGHT"),
+        "aesthetic_score": _first(meta, "AESTHETIC_SCORE", "aesthetic_score"),
+        "similarity": _first(meta, "similarity"),
+        "punsafe": _first(meta, "punsafe"),
+        "pwatermark": _first(meta, "pwatermark"),
+        **{name: decision.get(name) for name in SCORE_COLUMNS},
+    }
+
+
+def write_sample(
+    tar: tarfile.TarFile, row: dict[str, Any], ext: str, image: bytes, revision: Any, mtime: int
+) -> None:
+    """Append one training sample: the original image bytes, the caption and its record."""
+    key = row["key"]
+    sample_json = {k: v for k, v in row.items() if v is not None}
+    sample_json["caption_revision"] = revision
+    sample_json["sha256"] = row["image_sha256"]
+    _add_file(tar, f"{key}.{ext}", image, mtime)
+    _add_file(tar, f"{key}.txt", row["synthetic_caption"].encode("utf-8"), mtime)
+    _add_file(
+        tar,
+        f"{key}.json",
+        json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode(),
+        mtime,
+    )
+
+
+def write_table(path: Path, rows: list[dict[str, Any]], images: list[bytes] | None) -> None:
+    """The shard's publishable parquet; with ``images``, an ``image`` column (datasets' layout)."""
+    table = pa.Table.from_pylist(rows, schema=DATASET_SCHEMA)
+    if images is not None:
+        column = pa.array(
+            [
+                {"bytes": b, "path": f"{r['key']}.{r['image_format']}"}
+                for b, r in zip(images, rows, strict=True)
+            ],
+            IMAGE_TYPE,
+        )
+        table = table.append_column("image", column)
+        table = table.replace_schema_metadata(
+            {"huggingface": json.dumps({"info": {"features": hf_features(table.schema)}})}
+        )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def merge_shard(config: RunConfig, shard: str, stop: StopSignals | None = None) -> dict[str, Any]:
+    """Write one shard's webdataset tar and parquet table; return its counts."""
+    embed = config.merge.embed_images_in_parquet
+    images = config.images_dir / f"{shard}.tar"
+    decisions, caption_rows, kept = read_decisions(config, shard)
     failed: Counter[str] = Counter()
     written: set[str] = set()
     rows: list[dict[str, Any]] = []
@@ -141,18 +222,16 @@ def merge_shard(config: RunConfig, shard: str, stop: StopSignals | None = None) 
     n_without_caption = 0
     # The source shard's time, not now: merging the same inputs twice gives the same bytes.
     mtime = int(images.stat().st_mtime)
-    out_tar = config.stage_dir("merge") / f"{shard}.tar"
     out_parquet = parquet_dir(config) / f"{shard}.parquet"
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_tar) as tmp_tar:
+    with atomic_path(config.stage_dir("merge") / f"{shard}.tar") as tmp_tar:
         with (
             open(tmp_tar, "wb", buffering=1 << 20) as fh,
             tarfile.open(
                 fileobj=fh, mode="w", format=tarfile.PAX_FORMAT, copybufsize=1 << 20
             ) as tar,
         ):
-            samples = iter_image_samples(images, shard)
-            for n, (key, files) in enumerate(samples):
+            for n, (key, files) in enumerate(iter_image_samples(images, shard)):
                 if stop is not None and n % 512 == 0:
                     stop.check()
                 if key not in decisions:
@@ -165,50 +244,13 @@ def merge_shard(config: RunConfig, shard: str, stop: StopSignals | None = None) 
                     failed["empty_image" if ext else "no_image_in_sample"] += 1
                     logger.warning("shard %s key %s: no image bytes in %s", shard, key, images)
                     continue
-                try:
-                    meta = json.loads(files.get("json", b"{}") or b"{}")
-                except json.JSONDecodeError:
-                    meta = {}
-                decision, caption = decisions[key], caption_rows[key]
-                image = files[ext]
-                row = {
-                    "key": key,
-                    "url": _first(meta, "url"),
-                    "image_sha256": hashlib.sha256(image).hexdigest(),
-                    "image_format": "jpg" if ext == "jpeg" else ext,
-                    "original_text": _first(caption, "original_text")
-                    or _first(meta, "caption")
-                    or files.get("txt", b"").decode("utf-8", "replace"),
-                    "synthetic_caption": decision["caption_clean"],
-                    "synthetic_caption_raw": caption.get("caption"),
-                    "caption_model": caption.get("model"),
-                    "prompt": caption.get("prompt"),
-                    "finish_reason": caption.get("finish_reason"),
-                    "width": _first(meta, "width", "WIDTH"),
-                    "height": _first(meta, "height", "HEIGHT"),
-                    "original_width": _first(meta, "original_width", "WIDTH"),
-                    "original_height": _first(meta, "original_height", "HEIGHT"),
-                    "aesthetic_score": _first(meta, "AESTHETIC_SCORE", "aesthetic_score"),
-                    "similarity": _first(meta, "similarity"),
-                    "punsafe": _first(meta, "punsafe"),
-                    "pwatermark": _first(meta, "pwatermark"),
-                    **{name: decision.get(name) for name in SCORE_COLUMNS},
-                }
+                caption = caption_rows[key]
+                row = dataset_row(key, ext, files, decisions[key], caption)
+                write_sample(tar, row, ext, files[ext], caption.get("revision"), mtime)
                 written.add(key)
-                sample_json = {k: v for k, v in row.items() if v is not None}
-                sample_json["caption_revision"] = caption.get("revision")
-                sample_json["sha256"] = row["image_sha256"]
-                _add_file(tar, f"{key}.{ext}", image, mtime)
-                _add_file(tar, f"{key}.txt", row["synthetic_caption"].encode("utf-8"), mtime)
-                _add_file(
-                    tar,
-                    f"{key}.json",
-                    json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode(),
-                    mtime,
-                )
                 rows.append(row)
-                if section.embed_images_in_parquet:
-                    images_bytes.append(image)
+                if embed:
+                    images_bytes.append(files[ext])
         # Kept keys not written and not counted above have no sample in the image tar.
         n_missing = len(kept - written) - sum(failed.values())
         if n_missing:
@@ -220,21 +262,7 @@ def merge_shard(config: RunConfig, shard: str, stop: StopSignals | None = None) 
                 images,
                 min(kept - written),
             )
-        table = pa.Table.from_pylist(rows, schema=DATASET_SCHEMA)
-        if section.embed_images_in_parquet:
-            column = pa.array(
-                [
-                    {"bytes": b, "path": f"{r['key']}.{r['image_format']}"}
-                    for b, r in zip(images_bytes, rows, strict=True)
-                ],
-                IMAGE_TYPE,
-            )
-            table = table.append_column("image", column)
-            table = table.replace_schema_metadata(
-                {"huggingface": json.dumps({"info": {"features": hf_features(table.schema)}})}
-            )
-        with atomic_path(out_parquet) as tmp_parquet:
-            pq.write_table(table, tmp_parquet)
+        write_table(out_parquet, rows, images_bytes if embed else None)
     n_input = len(decisions)
     stats = {
         "n_input": n_input,
@@ -319,7 +347,8 @@ class MergeStage(ShardedStage):
 
 def finish_dataset(config: RunConfig, shards: list[str]) -> dict[str, Any]:
     """stats.json, README.md, report/ and (last) MANIFEST.sha256 of the finished dataset."""
-    from recaption.dataset_card import collect_dataset_stats, write_dataset_card
+    from recaption.dataset_card import write_dataset_card
+    from recaption.dataset_stats import collect_dataset_stats
     from recaption.ledger import write_json_atomic
     from recaption.publish import write_manifest
     from recaption.report import write_report

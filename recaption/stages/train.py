@@ -39,6 +39,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -607,7 +608,8 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
     weights = (cfg.task_loss_weight, cfg.output_kd_weight, cfg.feature_kd_weight)
     running = torch.zeros(4, device=device)  # total, task, out_kd, feat_kd over the log window
     n_running, window_start, window_images = 0, time.perf_counter(), 0
-    last_terms: dict[str, float] = {}
+    # Resumed at max_steps (a kill during the export): the last logged terms, not "nan".
+    last_terms: dict[str, float] = _logged_terms(koala_dir) if checkpoints else {}
     student.train()
     # Starting the loader draws a base seed from the global RNG; restore the state around it
     # so a run resumed from a checkpoint (whose RNG state load_state restored) draws the same
@@ -714,6 +716,7 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
     for error in progress.shard_errors:
         shard, _, message = error.partition(": ")
         summary.shards_failed[shard] = message
+    summary.shards_ok = [p.stem for p in shards if p.stem not in summary.shards_failed]
     if summary.interrupted:
         if main:
             _write_train_state(koala_dir, progress, cfg, last_terms, "interrupted")
@@ -819,7 +822,12 @@ def distillation_step(
 
 
 def _stretch_schedule(lr_scheduler: Any, cfg: TrainConfig, step: int) -> None:
-    """Rebuild the LR lambda for the current ``max_steps`` while keeping the step count."""
+    """Give the scheduler the LR curve for the current ``max_steps``, keeping its step count.
+
+    The resumed scheduler is the object registered for checkpointing, so it is updated in
+    place: the new curve's ``lr_lambdas``, then one public ``step()`` from ``step - 1``, which
+    sets every group's LR (and ``get_last_lr()``) for ``step``.
+    """
     from diffusers.optimization import get_scheduler
 
     fresh = get_scheduler(
@@ -829,15 +837,10 @@ def _stretch_schedule(lr_scheduler: Any, cfg: TrainConfig, step: int) -> None:
         num_training_steps=cfg.max_steps,
     )
     lr_scheduler.lr_lambdas = fresh.lr_lambdas
-    lr_scheduler.last_epoch = step
-    for group, base_lr, lam in zip(
-        lr_scheduler.optimizer.param_groups,
-        lr_scheduler.base_lrs,
-        lr_scheduler.lr_lambdas,
-        strict=True,
-    ):
-        group["lr"] = base_lr * lam(step)
-    lr_scheduler._last_lr = [g["lr"] for g in lr_scheduler.optimizer.param_groups]
+    lr_scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": none ran in this process
+        warnings.simplefilter("ignore", UserWarning)
+        lr_scheduler.step()
 
 
 def _save_checkpoint(accelerator: Any, folder: Path, step: int, cfg: TrainConfig) -> None:
@@ -859,6 +862,16 @@ def _save_checkpoint(accelerator: Any, folder: Path, step: int, cfg: TrainConfig
                 shutil.rmtree(old, ignore_errors=True)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
+
+
+def _logged_terms(koala_dir: Path) -> dict[str, float]:
+    """The loss terms of the last line of ``train_log.jsonl`` (empty when there is none)."""
+    try:
+        lines = (koala_dir / TRAIN_LOG_FILE).read_text().splitlines()
+        record = json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, float)}
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:
@@ -933,8 +946,10 @@ def save_pipeline(teacher: Any, unet: torch.nn.Module, folder: Path, cfg: TrainC
         scheduler=EulerDiscreteScheduler.from_config(teacher.scheduler.config),
         force_zeros_for_empty_prompt=teacher.config.get("force_zeros_for_empty_prompt", True),
     )
+    # Leftovers of an export that was killed (only the claim holder gets here).
+    for stale in folder.parent.glob(f".{folder.name}.*-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     (tmp / "README.md").write_text(

@@ -148,3 +148,20 @@ def test_torchrun_two_cpu_processes_equal_one_process(make_run, reference, capti
     ranks = [_stats(run_dir, shard)["rank"] for shard in sorted(SHARDS)]
     assert ranks == [0, 1, 0, 1]
     assert all(_stats(run_dir, s)["world_size"] == 2 for s in SHARDS)
+
+
+def test_done_shard_with_a_truncated_parquet_is_captioned_again(
+    make_run, reference, captions_of
+) -> None:
+    run_dir, config = make_run("truncated")
+    assert subprocess.run(_cli(config, "-q"), env=_env(), check=False).returncode == 0
+    parquet = run_dir / "captions" / "00001.parquet"
+    parquet.write_bytes(parquet.read_bytes()[:100])  # cut short; its done marker stays
+    status = subprocess.run(
+        [*_cli(config)[:3], "status", str(config)], env=_env(), capture_output=True, text=True
+    )
+    assert "00001.parquet is unreadable" in status.stdout
+    rerun = subprocess.run(_cli(config), env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "1 shard(s) done now" in rerun.stderr
+    assert captions_of(run_dir) == reference

@@ -319,3 +319,93 @@ def test_a_new_stage_is_one_module_and_one_registry_line(
     (run_dir / "refuse").unlink()
     (run_dir / "explode-late").touch()
     assert main(["shout", str(config)]) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 256 KiB tmpfs (root only): a real file system that fills up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_stage_with_the_path_and_marks_nothing_done(
+    small_disk: Path,
+) -> None:
+    class Big(ToyStage):
+        def process(self, shard: str) -> dict[str, Any]:
+            self.calls.append(shard)
+            with atomic_path(self.output_dir / f"{shard}.txt") as tmp:
+                tmp.write_bytes(os.urandom(100 * 1024))
+            return {"n_ok": 1}
+
+    _upstream(small_disk)
+    stage = Big(StageContext(RunConfig(run_dir=small_disk)))
+    summary = run_stage(stage)
+    assert len(stage.calls) < len(SHARDS)  # stopped at the first full write, not 7 failures
+    (failed, error), *_ = summary.shards_failed.items()
+    assert "disk full" in error and str(small_disk / "toy") in error
+    assert not stage.ledger.is_done(failed)
+    assert not list((small_disk / "toy").glob(".*tmp-*"))
+
+
+SLOW_MODULE = textwrap.dedent(
+    """
+    import os, time
+    from recaption.driver import ShardedStage
+    from recaption.ledger import atomic_path
+
+
+    class SlowStage(ShardedStage):
+        name = "slow"
+        input_stage = "download"
+        output_suffixes = (".txt",)
+
+        @property
+        def output_dir(self):
+            return self.config.run_dir / "slow"
+
+        def input_stamp(self, shard):
+            return None
+
+        def process(self, shard):
+            with open(self.config.run_dir / "processed.log", "a") as log:
+                log.write(f"{shard} {os.getpid()}\\n")
+            time.sleep(0.5)
+            with atomic_path(self.output_dir / f"{shard}.txt") as tmp:
+                tmp.write_text(shard)
+            return {"n_ok": 1}
+    """
+)
+
+
+def test_two_processes_on_one_run_share_the_shards_never_doing_one_twice(tmp_path: Path) -> None:
+    (tmp_path / "slow_stage.py").write_text(SLOW_MODULE)
+    run_dir = tmp_path / "run"
+    (run_dir / "images").mkdir(parents=True)
+    shards = [f"{i:05d}" for i in range(10)]
+    for shard in shards:
+        (run_dir / "images" / f"{shard}_stats.json").write_text("{}")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run_dir: {run_dir}\n")
+    program = (
+        "import sys; from recaption.cli import main; from recaption.stages import STAGES; "
+        "STAGES['slow'] = 'slow_stage:SlowStage'; sys.exit(main(['slow', sys.argv[1]]))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    workers = [
+        subprocess.Popen([sys.executable, "-c", program, str(config)], env=env) for _ in range(2)
+    ]
+    assert [w.wait(timeout=120) for w in workers] == [0, 0]
+    lines = (run_dir / "processed.log").read_text().split()
+    processed = lines[0::2]
+    assert sorted(processed) == shards  # every shard once, none twice
+    assert len(set(lines[1::2])) == 2  # and both workers took part

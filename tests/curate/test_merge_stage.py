@@ -16,8 +16,7 @@ from recaption.cli import main
 from recaption.config import load_config
 from recaption.publish import verify_dataset
 from recaption.stages import StageContext
-from recaption.stages import filter as filter_stage
-from recaption.stages import merge as merge_stage
+from recaption.stages import run as run_stage
 
 TRAINER_FIELDS = {
     "url",
@@ -39,8 +38,8 @@ def _source_images(config, shard):
 
 
 def _filter_and_merge(config):
-    assert filter_stage.run(StageContext(config)).ok
-    return merge_stage.run(StageContext(config))
+    assert run_stage("filter", StageContext(config)).ok
+    return run_stage("merge", StageContext(config))
 
 
 def test_outputs_are_readable_by_webdataset_and_datasets(run_inputs):
@@ -116,10 +115,11 @@ def test_card_stats_report_and_manifest(run_inputs):
     assert "| duplicate | 5 |" in card and "| filter | 2 |" in card
 
     report = ds_dir / "report"
-    for name in ("caption_lengths.png", "rejections.png", "examples.png"):
+    for name in ("caption_lengths.png", "rejections.png"):
         assert (report / name).stat().st_size > 1000
     html = (report / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and 'class="bad"' not in html
+    assert html.count("data:image/png;base64,") == 2 and 'class="bad"' not in html
+    assert html.count("data:image/jpeg;base64,") == 12  # example thumbnails, captions as text
     assert "<td>00001</td>" in html
 
     manifest = (ds_dir / "MANIFEST.sha256").read_text()
@@ -165,9 +165,9 @@ def test_mismatched_keys_and_missing_image_shard(tmp_path, curate, caplog):
     curate.write_shard(run_dir, "00000", samples)
     curate.write_shard(run_dir, "00001", good[:2])
     config = load_config(curate.write_config(run_dir))
-    assert filter_stage.run(StageContext(config)).ok
+    assert run_stage("filter", StageContext(config)).ok
     (config.images_dir / "00001.tar").unlink()
-    summary = merge_stage.run(StageContext(config))
+    summary = run_stage("merge", StageContext(config))
     assert list(summary.shards_failed) == ["00001"]
     assert "00001.tar is gone" in summary.shards_failed["00001"]
     stats = json.loads((config.dataset_dir / "webdataset" / "00000_stats.json").read_text())
@@ -239,12 +239,12 @@ def test_merged_order_does_not_depend_on_the_download_order(tmp_path, curate):
 
 def test_two_ranks_the_last_one_to_finish_writes_the_card(run_inputs):
     config, _ = run_inputs
-    assert filter_stage.run(StageContext(config)).ok
-    first = merge_stage.run(StageContext(config, rank=0, world_size=2))
+    assert run_stage("filter", StageContext(config)).ok
+    first = run_stage("merge", StageContext(config, rank=0, world_size=2))
     assert first.shards_ok == ["00000"]
     assert not (config.dataset_dir / "README.md").exists()
     assert any("not written yet" in m for m in first.messages)
-    last = merge_stage.run(StageContext(config, rank=1, world_size=2))
+    last = run_stage("merge", StageContext(config, rank=1, world_size=2))
     assert last.shards_ok == ["00001"]
     assert (config.dataset_dir / "README.md").exists()
     assert verify_dataset(config) == []

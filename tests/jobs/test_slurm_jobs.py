@@ -5,7 +5,7 @@ them: the whole demo chain must produce what a local ``recaption run`` of the sa
 produces, and a caption array task stopped mid-shard (``scancel``, or the time-limit warning
 signal) must, once requeued, leave every image captioned exactly once.
 
-They need the cluster and fail, not skip, without it.
+Without the cluster they skip, saying how to start it, and fail under CI (tests/jobs/conftest.py).
 """
 
 from __future__ import annotations
@@ -66,42 +66,10 @@ class Cluster:
     jobcomp_log: Path
 
 
-def _scontrol_config() -> dict[str, str]:
-    out = subprocess.run(
-        ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30, check=True
-    ).stdout
-    config = {}
-    for line in out.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            config[key.strip()] = value.strip()
-    return config
-
-
 @pytest.fixture(scope="session")
-def cluster() -> Cluster:
-    """The local SLURM cluster, or a failure that says how to start it."""
-    how = "start it with `bash .ci/slurm-up.sh` (as root; CI's .ci/run does this first)"
-    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        pytest.fail(f"SLURM is not installed on this machine: {how}")
-    try:
-        sinfo = subprocess.run(
-            ["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, timeout=30
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"sinfo did not answer in 30 s: slurmctld is not running; {how}")
-    states = sinfo.stdout.split()
-    if sinfo.returncode != 0 or not {"idle", "mixed", "allocated"} & set(states):
-        pytest.fail(
-            f"no usable SLURM node (sinfo: {sinfo.stdout.strip() or sinfo.stderr.strip()}); {how}"
-        )
-    config = _scontrol_config()
-    if config.get("JobCompType") != "jobcomp/filetxt":
-        pytest.fail(
-            "these tests read finished jobs from a jobcomp/filetxt log, but JobCompType is "
-            f"{config.get('JobCompType')!r}; use the cluster of .ci/slurm-up.sh"
-        )
-    return Cluster(int(config["MaxArraySize"]), Path(config["JobCompLoc"]))
+def cluster(slurm_config: dict[str, str]) -> Cluster:
+    """The local SLURM cluster (tests/jobs/conftest.py skips, or fails under CI, without one)."""
+    return Cluster(int(slurm_config["MaxArraySize"]), Path(slurm_config["JobCompLoc"]))
 
 
 # -- running jobs/submit.sh and waiting ------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -355,3 +356,55 @@ def test_prompts_file_replaces_the_prompt_list(tmp_path: Path) -> None:
     path.write_text("# nothing\n")
     with pytest.raises(ValueError, match="holds no prompts"):
         sample_stage.read_prompts(SampleConfig(prompts_file=path))
+
+
+def test_train_refuses_a_half_merged_dataset_and_sees_a_changed_one(make_run: MakeRun) -> None:
+    from tests.koala.conftest import write_shard
+
+    config, path = make_run(shards=2, per_shard=4, train={"max_steps": 2})
+    filtered = config.filtered_dir
+    filtered.mkdir(parents=True)
+    for shard in ("00000", "00001", "00002"):
+        (filtered / f"{shard}_stats.json").write_text("{}")
+    # Shard 00002 is filtered but not merged yet: training on the other two is refused.
+    with pytest.raises(FileNotFoundError, match=r"merge is not complete.*00002"):
+        run_stage("train", StageContext(config))
+    assert cli_main(["train", str(path)]) == 2
+    assert not (config.koala_dir / "checkpoints").exists()
+
+    (filtered / "00002_stats.json").unlink()
+    assert run_stage("train", StageContext(config)).ok
+    # The dataset changes after training (a shard merged again): the done state is stamped
+    # with the dataset, so the change is seen and refused without --overwrite.
+    write_shard(config.stage_dir("merge") / "00001.tar", 5, seed=7)
+    with pytest.raises(ConfigMismatchError, match=r"dataset"):
+        run_stage("train", StageContext(config))
+    summary = run_stage("train", StageContext(config, overwrite=True))
+    assert summary.ok and summary.shards_ok == ["00000", "00001"]
+    assert read_state(config)["step"] == 2
+
+
+def test_resumed_training_ends_at_the_same_loss_as_an_uninterrupted_run(
+    make_run: MakeRun,
+) -> None:
+    config, _ = make_run(train={"max_steps": 6, "checkpointing_steps": 3, "log_every": 3})
+    assert run_stage("train", StageContext(config)).ok
+    uninterrupted = read_log(config)[-1]
+    # As if the run had died after checkpoint-3: its later outputs never written.
+    koala = config.koala_dir
+    shutil.rmtree(koala / "checkpoints" / "checkpoint-00000006")
+    shutil.rmtree(koala / "pipeline")
+    (koala / "pipeline_stats.json").unlink()
+    assert run_stage("train", StageContext(config)).ok
+    resumed = read_log(config)[-1]
+    assert resumed["step"] == uninterrupted["step"] == 6
+    assert resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6, abs=1e-9)
+    # Killed during the export: every step done, the pipeline half written. The rerun exports
+    # again, removes the leftovers and reports the last logged loss, not "nan".
+    shutil.rmtree(koala / "pipeline")
+    (koala / "pipeline_stats.json").unlink()
+    (koala / ".pipeline.tmp-99999").mkdir()
+    summary = run_stage("train", StageContext(config))
+    assert summary.ok and (koala / "pipeline" / "model_index.json").exists()
+    assert not list(koala.glob(".pipeline.*"))
+    assert f"loss {resumed['loss']:.4f}" in " ".join(summary.messages)
