@@ -14,13 +14,20 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from recaption.caption_rules import DEFAULT_REFUSAL_PHRASES
+from recaption.caption_rules import (
+    DEFAULT_REFUSAL_PHRASES,
+    BoilerplateOpeningRewriter,
+    RefusalFilter,
+)
 
 STAGE_NAMES: tuple[str, ...] = ("download", "caption", "filter", "merge", "train", "sample")
 
@@ -91,8 +98,15 @@ class DownloadConfig(Section):
     min_height: int = Field(0, ge=0)
     max_punsafe: float | None = Field(0.5, description="Drop rows with punsafe above this.")
     max_pwatermark: float | None = Field(0.8, description="Drop rows with pwatermark above this.")
-    allow_private_hosts: bool = Field(
-        False, description="Allow URLs whose host is a literal private/loopback IP (demo only)."
+    allow_loopback: bool = Field(
+        False,
+        description="Allow downloads from this machine (127.0.0.0/8, ::1, localhost): the demo's "
+        "server. Checked on the resolved address of every connection and redirect.",
+    )
+    allow_private_networks: bool = Field(
+        False,
+        description="Allow private (10/8, 172.16/12, 192.168/16, fc00::/7), link-local "
+        "(169.254/16: cloud metadata) and other non-public addresses. Never for LAION.",
     )
     image_size: int = Field(1024, gt=0)
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = (
@@ -104,7 +118,9 @@ class DownloadConfig(Section):
     samples_per_shard: int = Field(10000, gt=0)
     processes: int = Field(16, gt=0)
     threads: int = Field(64, gt=0)
-    timeout: float = Field(10, gt=0, description="Seconds before one URL is given up.")
+    timeout: float = Field(
+        10, gt=0, allow_inf_nan=False, description="Seconds before one URL is given up."
+    )
     retries: int = Field(0, ge=0)
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
@@ -114,6 +130,19 @@ class DownloadConfig(Section):
     min_success_rate: float = Field(
         0.5, ge=0, le=1, description="Warn loudly when fewer downloads than this succeed."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_removed_keys(cls, data: Any) -> Any:
+        """``allow_private_hosts`` was split in two; say which new key to set."""
+        if isinstance(data, dict) and "allow_private_hosts" in data:
+            raise ValueError(
+                "download.allow_private_hosts was removed: set download.allow_loopback: true "
+                "to download from this machine (the demo's server on 127.0.0.1), and "
+                "download.allow_private_networks: true only to download from private or "
+                "link-local networks (10.0.0.0/8, 192.168.0.0/16, 169.254.0.0/16, ...)"
+            )
+        return data
 
 
 class CaptionConfig(Section):
@@ -209,6 +238,39 @@ class FilterConfig(Section):
     clip_wait_seconds: float = Field(
         3600, ge=0, description="Multi-rank percentile: how long to wait for other ranks' scores."
     )
+
+    @field_validator("boilerplate_openings", "refusal_phrases")
+    @classmethod
+    def _patterns_compile(cls, value: list[str] | None, info: Any) -> list[str] | None:
+        """Build the rules' regular expressions now, so a bad one stops at load, not mid-run."""
+        if value is None:
+            return value
+        if info.field_name == "refusal_phrases":
+            too_long = [p for p in value if len(p) > MAX_REFUSAL_PHRASE_CHARS]
+            if too_long:
+                raise ValueError(
+                    f"refusal phrase {_short(too_long[0], 60)} has {len(too_long[0])} "
+                    f"characters; a phrase is at most {MAX_REFUSAL_PHRASE_CHARS}"
+                )
+            RefusalFilter(phrases=value)  # literal phrases, escaped: always compiles
+            return value
+        for i, opening in enumerate(value):
+            try:
+                re.compile(opening)
+            except re.error as exc:
+                raise ValueError(
+                    f"item {i}, {_short(opening, 60)}, is not a valid regular expression "
+                    f"({exc.msg} at position {exc.pos}); openings are regexes: write \\( \\[ "
+                    "\\. \\* \\? for the literal characters"
+                ) from None
+        try:
+            BoilerplateOpeningRewriter(openings=value)
+        except re.error as exc:
+            raise ValueError(
+                f"the openings do not combine into one regular expression ({exc.msg}); "
+                "inline flags such as (?i) are not allowed (matching is case-insensitive)"
+            ) from None
+        return value
 
 
 class MergeConfig(Section):
@@ -351,6 +413,42 @@ class RunConfig(Section):
 
     source: Path | None = Field(None, exclude=True, description="The YAML file it came from.")
 
+    @field_validator("run_dir", mode="before")
+    @classmethod
+    def _run_dir_given(cls, value: Any) -> Any:
+        # Path("") is the current folder: an empty value would silently write there.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                "run_dir is empty; set it to the folder that holds the run's outputs, "
+                "e.g. run_dir=runs/demo"
+            )
+        return value
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_is_its_own_folder(cls, value: Path) -> Path:
+        if "\0" in str(value):
+            raise ValueError("run_dir contains a NUL character")
+        try:
+            resolved = value.resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            resolved = Path(os.path.abspath(value))
+        try:
+            home: Path | None = Path.home().resolve()
+        except (OSError, RuntimeError, KeyError):  # no home folder known
+            home = None
+        if resolved.parent == resolved:
+            what = "the filesystem root"
+        elif resolved == home:
+            what = "your home folder"
+        else:
+            return value
+        raise ValueError(
+            f"run_dir {str(value)!r} is {what}; every stage writes its folders (images/, "
+            "captions/, ...) into run_dir: give the run a folder of its own, e.g. "
+            f"{resolved / 'recaption-runs' / 'demo'}"
+        )
+
     # -- the run directory layout (DESIGN: run_dir/{images,captions,...}) -------------------
     @property
     def images_dir(self) -> Path:
@@ -402,15 +500,117 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# A run config is a small hand-written file; these bound what reading one may cost.
+MAX_CONFIG_BYTES = 1 << 20
+# Nodes plus scalar characters, every alias expanded: no alias-free file under
+# MAX_CONFIG_BYTES comes near it, an alias bomb (a few lines, billions of nodes) goes far over.
+MAX_YAML_WEIGHT = 4 * MAX_CONFIG_BYTES
+MAX_ERROR_LINES = 30
+MAX_REFUSAL_PHRASE_CHARS = 200
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 200
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 10
+_REPR.maxlevel = 3
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, without building the whole repr."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _YamlTooBigError(ValueError):
+    pass
+
+
+def _yaml_weight(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Nodes plus scalar characters under ``node`` with aliases expanded, memoised per node."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if isinstance(node, yaml.ScalarNode):
+        weight = 1 + len(node.value)
+    else:
+        if key in active:
+            raise _YamlTooBigError("an alias refers to a collection that contains it (a cycle)")
+        active.add(key)
+        weight = 1
+        items = (
+            node.value
+            if isinstance(node, yaml.SequenceNode)
+            else [child for pair in node.value for child in pair]
+        )
+        for child in items:
+            weight += _yaml_weight(child, memo, active)
+            if weight > MAX_YAML_WEIGHT:
+                raise _YamlTooBigError(
+                    "its aliases (*name) expand to more than "
+                    f"{MAX_YAML_WEIGHT:,} nodes and characters; a run config needs no such "
+                    "repetition: write the values out or use fewer aliases"
+                )
+        active.discard(key)
+    memo[key] = weight
+    return weight
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, refusing documents whose aliases expand beyond reason.
+
+    PyYAML shares an aliased node, so a few lines can describe a value of billions of nodes
+    that anything walking it (validation, error messages, fingerprints) never finishes.
+    Raises :class:`ConfigError` prefixed with ``source``; ``yaml.YAMLError`` for bad syntax.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _yaml_weight(node, {}, set())
+        return loader.construct_document(node)
+    except _YamlTooBigError as exc:
+        raise ConfigError(f"{source}: refused: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: refused: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{source}: not valid YAML: {_short(str(exc))}") from None
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=VALUE`` into its key path and a YAML-parsed value."""
+    """Split ``a.b.c=VALUE`` into its key path and a YAML-parsed value.
+
+    The value is YAML (``4``, ``null``, ``[x, y]``, ``{a: 1}``), except where YAML would read
+    ordinary text as something else: a mapping or list not written in ``{...}`` or ``[...]``
+    (``caption.custom_prompt=Describe: {alt_text}``), or plain text cut at a `` #`` comment,
+    stays the text as typed.
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. download.processes=4")
+        raise ConfigError(f"override {_short(text)}: expected KEY=VALUE, e.g. download.processes=4")
+    stripped = raw.strip()
+    if not stripped:
+        return key.strip().split("."), ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw, f"override {_short(text)}")
     except yaml.YAMLError:
-        value = raw
+        return key.strip().split("."), raw
+    if (
+        (isinstance(value, dict) and not stripped.startswith("{"))
+        or (isinstance(value, list) and not stripped.startswith("["))
+        or stripped.startswith("#")
+    ):
+        value = raw  # ordinary text that YAML would read as a mapping, a list or a comment
+    elif (
+        isinstance(value, str)
+        and value != stripped
+        and " #" in stripped
+        and stripped[0] not in "'\"!&|>"
+    ):
+        value = raw  # YAML would have dropped the rest as a comment
     return key.strip().split("."), value
 
 
@@ -449,7 +649,8 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config ({err.error_count()} problem(s)):"]
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_ERROR_LINES]:
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "<top level>"
         if e["type"] == "extra_forbidden":
@@ -463,8 +664,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  - {key}: required value is missing")
         else:
             got = e.get("input")
-            shown = repr(got) if not isinstance(got, dict) else "a mapping"
-            lines.append(f"  - {key}: {e['msg']} (got {shown})")
+            shown = _short(got) if not isinstance(got, dict) else "a mapping"
+            msg = e["msg"] if len(e["msg"]) <= 500 else e["msg"][:497] + "..."
+            lines.append(f"  - {key}: {msg} (got {shown})")
+    if len(errors) > MAX_ERROR_LINES:
+        lines.append(f"  ... and {len(errors) - MAX_ERROR_LINES} more")
     return "\n".join(lines)
 
 
@@ -482,9 +686,28 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; pass the path of a YAML run config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: a device or pipe may never end
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // (1 << 20)} MiB; a run config is a small "
+            "YAML file (is this the right file?)"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "a run config must be UTF-8: save it as UTF-8"
+        ) from None
+    try:
+        data = _load_yaml(text, str(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of keys (run_dir, download, ...)"

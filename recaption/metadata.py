@@ -7,7 +7,6 @@ every rule cost. Thresholds come from the ``download`` config section.
 from __future__ import annotations
 
 import glob
-import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recaption.config import DownloadConfig
+from recaption.netguard import LOOPBACK, PRIVATE, literal_host_kind
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,10 @@ def read_metadata(paths: list[Path], columns: list[str], required: dict[str, str
         if table.num_rows == 0:
             logger.warning("%s: no rows", path)
         tables.append(table)
-    table = pa.concat_tables(tables, promote_options="permissive")
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+        raise _type_conflict(paths, tables, required, exc) from None
     if table.num_rows == 0:
         raise MetadataError(
             f"{', '.join(map(str, paths))}: metadata has no rows; nothing to download"
@@ -98,45 +101,119 @@ def read_metadata(paths: list[Path], columns: list[str], required: dict[str, str
     return table
 
 
-def _is_private_host(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False  # a name, not a literal address
-    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-
-
-def private_host_mask(urls: pa.ChunkedArray) -> pa.ChunkedArray:
-    """True where the URL's host is a literal private, loopback or link-local IP address."""
-    hosts = pc.struct_field(
-        pc.extract_regex(
-            urls, r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/]*@)?(?P<host>\[[^\]]*\]|[^:/?#]*)"
-        ),
-        [0],
+def _type_conflict(
+    paths: list[Path], tables: list[pa.Table], required: dict[str, str], exc: Exception
+) -> MetadataError:
+    """The first column whose type in one file cannot be merged with its type in the others."""
+    seen: dict[str, tuple[pa.DataType, Path]] = {}
+    for path, table in zip(paths, tables, strict=True):
+        for column in table.schema:
+            if column.name not in seen:
+                seen[column.name] = (column.type, path)
+                continue
+            merged, first = seen[column.name]
+            try:
+                unified = pa.unify_schemas(
+                    [pa.schema([(column.name, merged)]), pa.schema([column])],
+                    promote_options="permissive",
+                )
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                key = (
+                    f"config key download.{required[column.name]}"
+                    if column.name in required
+                    else "listed in download.save_additional_columns"
+                )
+                return MetadataError(
+                    f"{path}: column {column.name!r} ({key}) is {column.type} here but "
+                    f"{merged} in {first}; every metadata file must give a column the same "
+                    f"type. Rewrite {path.name} with {column.name!r} cast to {merged} (or the "
+                    "other files to match), or leave it out of download.metadata."
+                )
+            seen[column.name] = (unified.field(0).type, first)
+    return MetadataError(
+        f"{', '.join(map(str, paths))}: the metadata files cannot be read as one table ({exc}); "
+        "give every column the same type in every file"
     )
-    unique = [h for h in pc.unique(hosts).to_pylist() if h]
-    private = pa.array([h for h in unique if _is_private_host(h)], pa.string())
-    return pc.fill_null(pc.is_in(hosts, value_set=private), False)
+
+
+def host_kind_masks(urls: pa.ChunkedArray) -> dict[str, pa.ChunkedArray]:
+    """Per kind (``loopback``, ``private``): True where the URL's host is one, literally.
+
+    The host is taken as urllib takes it (the netloc ends at the first ``/``, ``?`` or ``#``;
+    see :func:`recaption.netguard.url_host`) and classified on unique netlocs only. This is a
+    count of what is obviously refused; the guard itself is :mod:`recaption.netguard`, at
+    connect time.
+    """
+    netlocs = pc.struct_field(
+        pc.extract_regex(urls, r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<netloc>[^/?#]*)"), [0]
+    )
+    by_kind: dict[str, list[str]] = {LOOPBACK: [], PRIVATE: []}
+    for netloc in pc.unique(netlocs).to_pylist():
+        kind = literal_host_kind(netloc) if netloc else None
+        if kind is not None:
+            by_kind[kind].append(netloc)
+    return {
+        kind: pc.fill_null(pc.is_in(netlocs, value_set=pa.array(values, pa.string())), False)
+        for kind, values in by_kind.items()
+    }
+
+
+# What each rule's count means and the config key that controls it (for messages).
+RULE_KEYS: dict[str, str] = {
+    "url_missing": "rows without a URL: check download.url_col",
+    "url_scheme": "URLs that are not http(s): check download.url_col",
+    "loopback_host": "URLs whose host is this machine (127.0.0.0/8, ::1, localhost): "
+    "download.allow_loopback",
+    "private_host": "URLs whose host is a private or link-local address: "
+    "download.allow_private_networks",
+    "aesthetic_score": "download.min_aesthetic_score (column download.aesthetic_col)",
+    "min_width": "download.min_width (column download.width_col)",
+    "min_height": "download.min_height (column download.height_col)",
+    "punsafe": "download.max_punsafe (column download.punsafe_col)",
+    "pwatermark": "download.max_pwatermark (column download.pwatermark_col)",
+}
+
+
+def no_rows_left_message(report: PrefilterReport) -> str:
+    """Which rules removed the rows, and the config key that controls each."""
+    removed = sorted(
+        ((n, rule) for rule, n in report.removed.items() if n), key=lambda item: -item[0]
+    )
+    parts = [f"{rule} removed {n} ({RULE_KEYS.get(rule, rule)})" for n, rule in removed]
+    return (
+        f"no rows left after the pre-filter: of {report.input_rows} metadata rows, "
+        + "; ".join(parts)
+        + ". Change the config key of the rule that removed them, or check the metadata."
+    )
 
 
 def prefilter(table: pa.Table, cfg: DownloadConfig) -> tuple[pa.Table, PrefilterReport]:
-    """Apply the download pre-filter rules in order; count what each removed."""
+    """Apply the download pre-filter rules in order; count what each removed.
+
+    Raises :class:`MetadataError` naming the rules (and their config keys) that removed the
+    rows when none is left.
+    """
     report = PrefilterReport(input_rows=table.num_rows)
     url = cfg.url_col
-    rules: list[tuple[str, Callable[[pa.Table], pa.ChunkedArray] | None]] = [
-        ("url_missing", lambda t: pc.invert(pc.is_null(t[url]))),
+
+    def host_rule(kind: str) -> Callable[[pa.Table], pa.ChunkedArray]:
+        return lambda t: pc.invert(host_kind_masks(t[url])[kind])
+
+    # (rule, config key of the column it reads, keep-mask or None when the rule is off)
+    rules: list[tuple[str, str, Callable[[pa.Table], pa.ChunkedArray] | None]] = [
+        ("url_missing", "url_col", lambda t: pc.invert(pc.is_null(t[url]))),
         (
             "url_scheme",
+            "url_col",
             lambda t: pc.fill_null(
                 pc.match_substring_regex(t[url], r"^[hH][tT][tT][pP][sS]?://"), False
             ),
         ),
-        (
-            "private_host",
-            None if cfg.allow_private_hosts else lambda t: pc.invert(private_host_mask(t[url])),
-        ),
+        ("loopback_host", "url_col", None if cfg.allow_loopback else host_rule(LOOPBACK)),
+        ("private_host", "url_col", None if cfg.allow_private_networks else host_rule(PRIVATE)),
         (
             "aesthetic_score",
+            "aesthetic_col",
             None
             if cfg.min_aesthetic_score is None
             else lambda t: pc.fill_null(
@@ -145,24 +222,28 @@ def prefilter(table: pa.Table, cfg: DownloadConfig) -> tuple[pa.Table, Prefilter
         ),
         (
             "min_width",
+            "width_col",
             None
             if not cfg.min_width
             else lambda t: pc.fill_null(pc.greater_equal(t[cfg.width_col], cfg.min_width), False),
         ),
         (
             "min_height",
+            "height_col",
             None
             if not cfg.min_height
             else lambda t: pc.fill_null(pc.greater_equal(t[cfg.height_col], cfg.min_height), False),
         ),
         (
             "punsafe",
+            "punsafe_col",
             None
             if cfg.max_punsafe is None
             else lambda t: pc.fill_null(pc.less_equal(t[cfg.punsafe_col], cfg.max_punsafe), True),
         ),
         (
             "pwatermark",
+            "pwatermark_col",
             None
             if cfg.max_pwatermark is None
             else lambda t: pc.fill_null(
@@ -170,13 +251,24 @@ def prefilter(table: pa.Table, cfg: DownloadConfig) -> tuple[pa.Table, Prefilter
             ),
         ),
     ]
-    for name, keep in rules:
+    for name, key, keep in rules:
         if keep is None:
             continue
         before = table.num_rows
-        table = table.filter(keep(table))
+        try:
+            mask = keep(table)
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+            column = getattr(cfg, key)
+            raise MetadataError(
+                f"pre-filter rule {name}: column {column!r} (config key download.{key}) has "
+                f"type {table.schema.field(column).type}, which the rule cannot compare ({exc}); "
+                f"point download.{key} at the right column or fix its type in the metadata"
+            ) from None
+        table = table.filter(mask)
         report.removed[name] = before - table.num_rows
     report.kept = table.num_rows
+    if report.input_rows and not report.kept:
+        raise MetadataError(no_rows_left_message(report))
     return table, report
 
 

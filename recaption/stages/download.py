@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,9 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recaption.config import RunConfig
+from recaption.driver import ShardedStage
 from recaption.ledger import (
+    LEDGER_DIR,
     STATS_SUFFIX,
-    ShardLedger,
     StageSummary,
     atomic_path,
     list_shards,
@@ -47,11 +47,9 @@ from recaption.metadata import (
     read_metadata,
     required_columns,
 )
-from recaption.stages import StageContext
 
 logger = logging.getLogger(__name__)
 
-STAGE = "download"
 INPUT_FILE = "urls.parquet"
 REPORT_FILE = "download_report.json"
 # img2dataset names its shards with this many digits.
@@ -108,37 +106,55 @@ def write_input(table: pa.Table, path: Path, url_col: str, base: str | None) -> 
 
 
 def run_img2dataset(config: RunConfig, input_path: Path) -> None:
-    """Call img2dataset's Python API with the config's options."""
+    """Call img2dataset's Python API with the config's options, behind the network guard.
+
+    Every connection img2dataset's workers make, redirects included, is checked on its
+    resolved address (``download.allow_loopback``, ``download.allow_private_networks``); a
+    refused URL is a failed sample whose ``error_message`` says why. See
+    :mod:`recaption.netguard` for how the guard reaches the worker processes.
+    """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download
 
+    from recaption.netguard import NetPolicy, guard_img2dataset
+
     cfg = config.download
     columns = pq.read_schema(input_path).names
-    download(
-        url_list=str(input_path),
-        input_format="parquet",
-        url_col=cfg.url_col,
-        caption_col=cfg.caption_col,
-        save_additional_columns=[c for c in cfg.save_additional_columns if c in columns] or None,
-        output_format="webdataset",
-        output_folder=str(config.images_dir),
-        image_size=cfg.image_size,
-        resize_mode=cfg.resize_mode,
-        resize_only_if_bigger=cfg.resize_only_if_bigger,
-        encode_format=cfg.encode_format,
-        encode_quality=cfg.encode_quality,
-        number_sample_per_shard=cfg.samples_per_shard,
-        oom_shard_count=SHARD_DIGITS,
-        processes_count=cfg.processes,
-        thread_count=cfg.threads,
-        timeout=cfg.timeout,
-        retries=cfg.retries,
-        distributor=cfg.distributor,
-        incremental_mode="incremental",
-        disallowed_header_directives=cfg.disallowed_header_directives,
-        user_agent_token=cfg.user_agent_token,
-        enable_wandb=False,
+    extra = [c for c in cfg.save_additional_columns if c in columns]
+    policy = NetPolicy(
+        allow_loopback=cfg.allow_loopback, allow_private_networks=cfg.allow_private_networks
     )
+    with guard_img2dataset(policy) as guarded:
+        download(
+            url_list=str(input_path),
+            input_format="parquet",
+            url_col=cfg.url_col,
+            caption_col=cfg.caption_col,
+            save_additional_columns=extra or None,
+            output_format="webdataset",
+            output_folder=str(config.images_dir),
+            image_size=cfg.image_size,
+            resize_mode=cfg.resize_mode,
+            resize_only_if_bigger=cfg.resize_only_if_bigger,
+            encode_format=cfg.encode_format,
+            encode_quality=cfg.encode_quality,
+            number_sample_per_shard=cfg.samples_per_shard,
+            oom_shard_count=SHARD_DIGITS,
+            processes_count=cfg.processes,
+            thread_count=cfg.threads,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            distributor=cfg.distributor,
+            incremental_mode="incremental",
+            disallowed_header_directives=cfg.disallowed_header_directives,
+            user_agent_token=cfg.user_agent_token,
+            enable_wandb=False,
+        )
+    if not guarded:
+        raise RuntimeError(
+            "img2dataset ran without recaption's network guard (its download() did not build "
+            "its Downloader through img2dataset.main.Downloader); use img2dataset 1.47"
+        )
 
 
 def summarise(images_dir: Path) -> dict[str, Any]:
@@ -146,12 +162,24 @@ def summarise(images_dir: Path) -> dict[str, Any]:
     totals: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     for shard in list_shards(images_dir, STATS_SUFFIX):
-        stats = json.loads((images_dir / f"{shard}{STATS_SUFFIX}").read_text())
-        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
-            totals[key] += int(stats.get(key, 0))
-        errors.update(
-            {k: int(v) for k, v in stats.get("status_dict", {}).items() if k != "success"}
-        )
+        path = images_dir / f"{shard}{STATS_SUFFIX}"
+        try:
+            stats = json.loads(path.read_text())
+            counts = {
+                key: int(stats.get(key, 0))
+                for key in ("count", "successes", "failed_to_download", "failed_to_resize")
+            }
+            shard_errors = {
+                k: int(v) for k, v in stats.get("status_dict", {}).items() if k != "success"
+            }
+        except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError, bad values
+            raise ValueError(
+                f"{path}: img2dataset's stats for shard {shard} are unreadable ({exc}); delete "
+                f"this file so img2dataset downloads shard {shard} again, then rerun the "
+                "download stage"
+            ) from None
+        totals.update(counts)
+        errors.update(shard_errors)
     count = totals["count"]
     return {
         **totals,
@@ -160,87 +188,73 @@ def summarise(images_dir: Path) -> dict[str, Any]:
     }
 
 
-def run(ctx: StageContext) -> StageSummary:
-    """Run the download stage (see the module docstring)."""
-    config = ctx.config
-    cfg = config.download
-    start = time.perf_counter()
-    summary = StageSummary(STAGE, ctx.rank, ctx.world_size)
-    if ctx.rank != 0:
-        summary.messages.append(
-            f"download runs on rank 0 only (this is rank {ctx.rank}); scale it with "
-            "download.distributor and download.processes"
-        )
-        return summary
+class DownloadStage(ShardedStage):
+    """Pre-filter the metadata, then download every missing shard with img2dataset."""
 
-    paths = metadata_paths(config)
-    required = required_columns(cfg)
-    wanted = list(dict.fromkeys([*required, *cfg.save_additional_columns]))
-    table = read_metadata(paths, wanted, required)
-    table, report = prefilter(table, cfg)
-    logger.info(
-        "download: pre-filter kept %d of %d rows; removed by rule: %s",
-        report.kept,
-        report.input_rows,
-        report.removed,
-    )
-    if report.kept == 0:
-        raise MetadataError(
-            f"no rows left after the pre-filter (removed by rule: {report.removed}); relax "
-            "download.min_aesthetic_score / max_punsafe / max_pwatermark or check the columns"
+    name = "download"
+    output_suffixes = (".tar",)
+    batch_engine = True  # img2dataset downloads every pending shard in one call
+    main_rank_only = True  # img2dataset's distributors scale it, not ranks
+
+    def stage_config(self) -> dict[str, Any]:
+        return stage_config(self.config)
+
+    def check(self) -> None:
+        cfg = self.config.download
+        paths = metadata_paths(self.config)
+        required = required_columns(cfg)
+        wanted = list(dict.fromkeys([*required, *cfg.save_additional_columns]))
+        table = read_metadata(paths, wanted, required)
+        self.table, self.report = prefilter(table, cfg)
+        logger.info(
+            "download: pre-filter kept %d of %d rows; removed by rule: %s",
+            self.report.kept,
+            self.report.input_rows,
+            self.report.removed,
         )
-    # The inputs are valid: only now is the output folder touched.
-    ledger = ShardLedger(STAGE, config.images_dir, stage_config(config), overwrite=ctx.overwrite)
-    recorded = ledger.recorded_config()
-    if ctx.overwrite and recorded and recorded.get("fingerprint") != ledger.fingerprint:
+
+    def input_shards(self) -> list[str]:
+        """The shards img2dataset will write for the pre-filtered rows."""
+        n_shards = math.ceil(self.report.kept / self.config.download.samples_per_shard)
+        return [f"{i:0{SHARD_DIGITS}d}" for i in range(n_shards)]
+
+    def my_shards(self) -> list[str]:
+        return list(self.shards)
+
+    def input_stamp(self, shard: str) -> Any:
+        return None  # img2dataset's markers carry no stamp: the config fingerprint decides
+
+    def reset(self) -> None:
         # img2dataset resumes by shard id only, so shards of the old config must go.
-        logger.warning(
-            "download: --overwrite with a changed config: removing %s", config.images_dir
-        )
-        shutil.rmtree(config.images_dir)
-    ledger.prepare()
-    n_shards = math.ceil(report.kept / cfg.samples_per_shard)
-    expected = [f"{i:0{SHARD_DIGITS}d}" for i in range(n_shards)]
-    done_before = ledger.done_shards()
-    summary.shards_total = len(expected)
-    summary.shards_done_before = len([s for s in expected if s in set(done_before)])
+        logger.warning("download: --overwrite with a changed config: removing %s", self.output_dir)
+        shutil.rmtree(self.output_dir)
 
-    input_path = ledger.records_dir / INPUT_FILE
-    with url_base(config) as base:
-        write_input(table, input_path, cfg.url_col, base)
-        if summary.shards_done_before < len(expected):
-            run_img2dataset(config, input_path)
+    def process_all(self, shards: list[str]) -> None:
+        input_path = self.output_dir / LEDGER_DIR / INPUT_FILE
+        with url_base(self.config) as base:
+            write_input(self.table, input_path, self.config.download.url_col, base)
+            run_img2dataset(self.config, input_path)
 
-    done = set(ledger.done_shards())
-    for shard in expected:
-        if shard in done:
-            if shard not in done_before:
-                summary.shards_ok.append(shard)
-            with contextlib.suppress(FileNotFoundError):
-                ledger.failed_path(shard).unlink()
-        else:
-            error = "img2dataset wrote no _stats.json for this shard (see its log above)"
-            ledger.mark_failed(shard, error)
-            summary.shards_failed[shard] = error
-    totals = summarise(config.images_dir)
-    summary.seconds = time.perf_counter() - start
-    summary.samples_ok = totals["successes"]
-    summary.samples_failed = totals["count"] - totals["successes"]
-    write_json_atomic(
-        ledger.records_dir / REPORT_FILE, {"prefilter": report.__dict__, "download": totals}
-    )
-    top = ", ".join(f"{k} ({v})" for k, v in list(totals["errors"].items())[:5]) or "none"
-    summary.messages.append(
-        f"download: {totals['successes']} of {totals['count']} images downloaded "
-        f"({totals['success_rate']:.1%}); top failure reasons: {top}"
-    )
-    if totals["count"] and totals["success_rate"] < cfg.min_success_rate:
-        logger.warning(
-            "download: LOW SUCCESS RATE %.1f%% (below download.min_success_rate %.0f%%): check "
-            "DNS and network, raise download.timeout / download.retries, or lower "
-            "download.threads; failure reasons: %s",
-            100 * totals["success_rate"],
-            100 * cfg.min_success_rate,
-            top,
+    def close(self, summary: StageSummary) -> None:
+        cfg = self.config.download
+        totals = summarise(self.output_dir)
+        summary.samples_ok = totals["successes"]
+        summary.samples_failed = totals["count"] - totals["successes"]
+        write_json_atomic(
+            self.output_dir / LEDGER_DIR / REPORT_FILE,
+            {"prefilter": self.report.__dict__, "download": totals},
         )
-    return summary
+        top = ", ".join(f"{k} ({v})" for k, v in list(totals["errors"].items())[:5]) or "none"
+        summary.messages.append(
+            f"download: {totals['successes']} of {totals['count']} images downloaded "
+            f"({totals['success_rate']:.1%}); top failure reasons: {top}"
+        )
+        if totals["count"] and totals["success_rate"] < cfg.min_success_rate:
+            logger.warning(
+                "download: LOW SUCCESS RATE %.1f%% (below download.min_success_rate %.0f%%): "
+                "check DNS and network, raise download.timeout / download.retries, or lower "
+                "download.threads; failure reasons: %s",
+                100 * totals["success_rate"],
+                100 * cfg.min_success_rate,
+                top,
+            )

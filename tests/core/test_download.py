@@ -119,8 +119,18 @@ def test_private_hosts_and_schemes_are_refused(tmp_path: Path) -> None:
     cfg = DownloadConfig(min_aesthetic_score=None, max_punsafe=None, max_pwatermark=None)
     kept, report = prefilter(table, cfg)
     assert kept["URL"].to_pylist() == ["http://example.com/a.jpg", "HTTPS://cdn.example.org/g.png"]
-    assert report.removed == {"url_missing": 1, "url_scheme": 2, "private_host": 4}
-    kept, report = prefilter(table, cfg.model_copy(update={"allow_private_hosts": True}))
+    assert report.removed == {
+        "url_missing": 1,
+        "url_scheme": 2,
+        "loopback_host": 2,
+        "private_host": 2,
+    }
+    kept, report = prefilter(table, cfg.model_copy(update={"allow_loopback": True}))
+    assert kept.num_rows == 4 and "loopback_host" not in report.removed
+    assert report.removed["private_host"] == 2
+    kept, report = prefilter(
+        table, cfg.model_copy(update={"allow_loopback": True, "allow_private_networks": True})
+    )
     assert kept.num_rows == 6 and "private_host" not in report.removed
 
 
