@@ -288,3 +288,29 @@ def test_publish_uploads_exactly_the_manifest_files(run_inputs, monkeypatch):
     with pytest.raises(RuntimeError, match=r"README\.md"):
         publish_dataset(config, "org/name")
     assert calls == []
+
+
+def test_a_shard_gone_upstream_leaves_the_dataset_card_manifest_and_training_set(run_inputs):
+    config, shards = run_inputs
+    shards = sorted(shards)
+    assert _filter_and_merge(config).ok
+    gone = shards[-1]
+    # The shard disappears upstream (say, the download was redone with larger shards).
+    for path in (
+        config.captions_dir / f"{gone}.parquet",
+        config.captions_dir / f"{gone}_stats.json",
+    ):
+        path.unlink()
+    assert _filter_and_merge(config).ok
+    dataset = config.dataset_dir
+    assert not (config.filtered_dir / f"{gone}.parquet").exists()
+    assert not (dataset / "webdataset" / f"{gone}.tar").exists()
+    assert not (dataset / "parquet" / f"{gone}.parquet").exists()
+    manifest = (dataset / "MANIFEST.sha256").read_text()
+    assert gone not in manifest and verify_dataset(config) == []
+    stats = json.loads((dataset / "stats.json").read_text())
+    rows = sum(pq.read_metadata(p).num_rows for p in (dataset / "parquet").glob("*.parquet"))
+    tars = list((dataset / "webdataset").glob("*.tar"))
+    samples = sum(1 for tar in tars for _ in wds.WebDataset(str(tar), shardshuffle=False))
+    assert stats["n_samples"] == rows == samples
+    assert stats["shards"] == [s for s in shards if s != gone]
