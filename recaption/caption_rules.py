@@ -61,12 +61,14 @@ class RunInputs:
     """What rules that need the whole run are given, computed by the filter stage first.
 
     ``duplicate_counts`` maps :func:`caption_hash` to copies over every caption shard (only
-    counts above 1); ``clip_scores(shard)`` returns ``key -> (clip_score,
-    clip_score_original)`` for a shard's ok captions; ``clip_threshold`` is the minimum
+    counts above 1); ``count_text_tokens(text)`` counts a caption's tokens with the teacher's
+    tokenizer; ``clip_scores(shard)`` returns ``key -> (clip_score, clip_score_original)``
+    for a shard's ok captions; ``clip_threshold`` is the minimum
     CLIP score (set directly, or the run-wide percentile).
     """
 
     duplicate_counts: Mapping[int, int] | None = None
+    count_text_tokens: Callable[[str], int] | None = None
     clip_scores: Callable[[str], Mapping[str, tuple[float, float]]] | None = None
     clip_threshold: float | None = None
 
@@ -493,6 +495,57 @@ class BoilerplateOpeningRewriter(CaptionRule):
         return None
 
 
+# Sentence ends: Latin punctuation before a space or the end; CJK full stops anywhere.
+_SENTENCE_BREAK = re.compile(r"[.!?](?=[\"')\]]?(?:\s|$))|[。！？]")
+
+
+class TextTokenFilter(CaptionRule):
+    """Fit captions to what the text encoders read: SDXL's CLIP encoders see 77 tokens.
+
+    A dense LLaVA caption is often 100-250 CLIP tokens; training would silently cut it
+    mid-word (CLIP's context is 77 tokens, start and end tokens included: Radford et al.,
+    2021; SDXL and KOALA keep both CLIP text encoders). The length is measured with the
+    teacher's own tokenizer and recorded (``text_tokens``, before any trimming). Policies:
+    ``trim`` cuts the caption back to the last whole sentence that fits (a caption whose first
+    sentence alone is too long is rejected, as a mid-sentence cut is what this rule avoids);
+    ``drop`` rejects every caption that does not fit; ``keep`` keeps it (training truncates
+    it, and counts that).
+    """
+
+    name = "text_tokens"
+    score_columns: ClassVar[dict[str, pa.DataType]] = {"text_tokens": pa.int32()}
+
+    def __init__(
+        self, count_tokens: Callable[[str], int], max_tokens: int = 77, policy: str = "trim"
+    ) -> None:
+        if policy not in ("trim", "drop", "keep"):
+            raise ValueError(f"text token policy must be trim, drop or keep, not {policy!r}")
+        self.count_tokens = count_tokens
+        self.max_tokens = max_tokens
+        self.policy = policy
+
+    @classmethod
+    def from_config(cls, section: FilterConfig, inputs: RunInputs) -> TextTokenFilter | None:
+        if section.text_tokens == "off" or inputs.count_text_tokens is None:
+            return None
+        return cls(inputs.count_text_tokens, section.max_text_tokens, section.text_tokens)
+
+    def check(self, view: CaptionView) -> str | None:
+        caption = view.text
+        n_tokens = self.count_tokens(caption)
+        view.scores["text_tokens"] = n_tokens
+        if n_tokens <= self.max_tokens or self.policy == "keep":
+            return None
+        if self.policy == "drop":
+            return self.name
+        for end in reversed([m.end() for m in _SENTENCE_BREAK.finditer(caption)]):
+            cut = caption[:end].rstrip()
+            if self.count_tokens(cut) <= self.max_tokens:
+                view.rewrite(cut)
+                return None
+        return self.name
+
+
 class LengthFilter(CaptionRule):
     """Reject captions with too few or too many words or characters.
 
@@ -784,6 +837,7 @@ RULES: tuple[type[CaptionRule], ...] = (
     TruncationFilter,
     RefusalFilter,
     BoilerplateOpeningRewriter,
+    TextTokenFilter,
     LengthFilter,
     LanguageFilter,
     DuplicateCaptionFilter,

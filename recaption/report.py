@@ -150,6 +150,32 @@ def plot_clip_scores(config: RunConfig, shards: list[str], path: Path) -> Path |
     return _save(fig, path)
 
 
+def plot_text_tokens(config: RunConfig, shards: list[str], path: Path) -> Path | None:
+    """Histogram of the captions' length in the text encoders' tokens, with their limit."""
+    counts = [
+        pq.read_table(config.filtered_dir / f"{s}.parquet", columns=["text_tokens"])
+        .column("text_tokens")
+        .to_numpy(zero_copy_only=False)
+        for s in shards
+    ]
+    values = np.concatenate([c.astype(float) for c in counts]) if counts else np.zeros(0)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return None
+    limit = config.filter.max_text_tokens
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(values, bins=min(60, max(10, int(values.max()) // 4 + 1)), color="tab:blue")
+    ax.axvline(limit, color="tab:red", linestyle="--", label=f"text encoder limit ({limit})")
+    over = int((values > limit).sum())
+    ax.set_xlabel(f"caption length in text-encoder tokens ({over} of {values.size} over)")
+    ax.set_ylabel("captions")
+    ax.legend()
+    ax.set_title(
+        f"Captions against the text encoders' context (policy: {config.filter.text_tokens})"
+    )
+    return _save(fig, path)
+
+
 def example_samples(
     config: RunConfig, shards: list[str], n: int, problems: list[str] | None = None
 ) -> list[dict[str, Any]]:
@@ -384,6 +410,11 @@ def render_html(
 {_img_tag(plots.get("rejections"), "filter decisions by reason")}
 <h2>Caption length</h2>
 {_img_tag(plots.get("caption_lengths"), "caption length histograms")}
+{
+        _img_tag(plots.get("text_tokens"), "caption length in text-encoder tokens")
+        if plots.get("text_tokens")
+        else ""
+    }
 {clip_section}
 <h2>Examples (original alt-text and synthetic caption)</h2>
 {examples}
@@ -424,6 +455,9 @@ def write_report(config: RunConfig, stats: dict[str, Any]) -> Path:
         "rejections": lambda path: plot_rejections(stats, path),
         "clip_scores": (lambda path: plot_clip_scores(config, shards, path))
         if "clip_score" in stats
+        else None,
+        "text_tokens": (lambda path: plot_text_tokens(config, shards, path))
+        if config.filter.text_tokens != "off"
         else None,
     }
     plots: dict[str, Path | None] = {

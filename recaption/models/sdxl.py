@@ -60,3 +60,21 @@ SDXL_BASE_UNET_CONFIG: dict[str, Any] = {
     "upcast_attention": None,
     "use_linear_projection": True,
 }
+
+
+def load_text_tokenizer(spec: str, revision: str | None = None) -> Any:
+    """The tokenizer of an SDXL pipeline's first text encoder (``tokenizer/``), or of a plain
+    tokenizer folder or hub id; raises :class:`ValueError` saying what was tried."""
+    from transformers import AutoTokenizer
+
+    errors = []
+    for subfolder in ("tokenizer", ""):
+        try:
+            return AutoTokenizer.from_pretrained(spec, subfolder=subfolder, revision=revision)
+        except (OSError, ValueError) as exc:
+            errors.append(f"{subfolder or '.'}: {str(exc).splitlines()[0]}")
+    raise ValueError(
+        f"no tokenizer could be loaded from {spec!r} ({'; '.join(errors)}); set "
+        "filter.text_tokenizer to an SDXL pipeline or tokenizer (hub id or folder), or "
+        "filter.text_tokens: off"
+    )

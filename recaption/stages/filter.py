@@ -36,6 +36,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -440,9 +441,39 @@ class FilterStage(ShardedStage):
         if section.min_clip_score is not None and section.min_clip_percentile is not None:
             raise ValueError("set filter.min_clip_score or filter.min_clip_percentile, not both")
         build_rules(section)  # validates languages etc. before any work
+        self.count_text_tokens = self._text_token_counter()
         self.clip = ClipScores(self.config, self.stop) if section.clip_model else None
         if self.clip is not None:
             _ = self.clip.scorer  # load now: a bad model path is a start-up error
+
+    def text_tokenizer_spec(self) -> str | None:
+        """The tokenizer that measures captions: filter.text_tokenizer, else the teacher's."""
+        section = self.config.filter
+        if section.text_tokens == "off":
+            return None
+        return section.text_tokenizer or self.config.train.teacher
+
+    def _text_token_counter(self) -> Callable[[str], int] | None:
+        spec = self.text_tokenizer_spec()
+        if spec is None:
+            return None
+        from recaption.demo.models import resolve_model
+        from recaption.models.sdxl import load_text_tokenizer
+
+        tokenizer = load_text_tokenizer(resolve_model(self.config, spec))
+        logger.info("filter: measuring captions in %s tokens (%s)", type(tokenizer).__name__, spec)
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, truncation=False)["input_ids"])
+
+        return count
+
+    def stage_config(self) -> dict[str, Any]:
+        # The tokenizer taken from train.teacher decides outputs too.
+        return {
+            **self.config.filter.fingerprint_dict(),
+            "text_tokenizer": self.text_tokenizer_spec(),
+        }
 
     def extra_outputs(self, shard: str) -> list[Path]:
         folder = self.config.filtered_dir
@@ -468,6 +499,7 @@ class FilterStage(ShardedStage):
             section,
             RunInputs(
                 duplicate_counts=counts,
+                count_text_tokens=self.count_text_tokens,
                 clip_scores=self.clip.scores if self.clip is not None else None,
                 clip_threshold=self.clip_threshold,
             ),

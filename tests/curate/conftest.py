@@ -288,10 +288,11 @@ def standard_shards(n_shards: int = 2, per_shard: int = 6) -> dict[str, list[dic
 
 
 def write_config(run_dir: Path, **sections: dict[str, Any]) -> Path:
-    """A YAML run config for ``run_dir`` (CLIP off unless given)."""
-    data: dict[str, Any] = {"run_dir": str(run_dir), "filter": {}, "merge": {}}
+    """A YAML run config for ``run_dir`` (CLIP and the text-token rule off unless given: the
+    token rule needs the teacher's tokenizer, tested in test_text_tokens.py)."""
+    data: dict[str, Any] = {"run_dir": str(run_dir), "filter": {"text_tokens": "off"}, "merge": {}}
     for name, values in sections.items():
-        data[name] = values
+        data[name] = {**data.get(name, {}), **values}
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -58,6 +58,7 @@ EXPECTED_FEATURES = [
     ("tail_repeats", "int32"),
     ("trimmed_chars", "int32"),
     ("boilerplate_opening", "bool"),
+    ("text_tokens", "int32"),
     ("n_words", "int32"),
     ("n_chars", "int32"),
     ("language", "string"),
