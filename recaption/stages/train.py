@@ -321,6 +321,34 @@ class TrainingSamples(torch.utils.data.IterableDataset):
             epoch, index = epoch + 1, 0
 
 
+# diffusers warns once per batch when a prompt is longer than CLIP reads; the training loop
+# counts those captions instead (train_log.jsonl, train_state.json) and says so once.
+_TRUNCATION_WARNING = "truncated because CLIP can only handle"
+
+
+class _QuietTruncation(logging.Filter):
+    """Drop diffusers' per-batch "input was truncated" warning (counted, not flooded)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _TRUNCATION_WARNING not in record.getMessage()
+
+
+def quiet_prompt_truncation() -> None:
+    """Install :class:`_QuietTruncation` on the SDXL pipeline's logger (idempotent)."""
+    pipeline_logger = logging.getLogger(
+        "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"
+    )
+    if not any(isinstance(f, _QuietTruncation) for f in pipeline_logger.filters):
+        pipeline_logger.addFilter(_QuietTruncation())
+
+
+def count_truncated(tokenizer: Any, captions: list[str]) -> int:
+    """How many captions are longer than the tokenizer's context (they get truncated)."""
+    limit = tokenizer.model_max_length
+    ids = tokenizer(captions, truncation=False, add_special_tokens=True)["input_ids"]
+    return sum(len(i) > limit for i in ids)
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack pixels; keep captions and SDXL size conditioning as lists."""
     return {
@@ -346,6 +374,7 @@ class TrainProgress:
     next_index: int = 0
     samples_seen: int = 0
     samples_skipped: int = 0
+    captions_truncated: int = 0  # longer than the text encoders read (counted, not logged)
     shard_errors: list[str] = field(default_factory=list)
     fingerprint: str = ""
 
@@ -493,6 +522,7 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise RuntimeError(f"teacher {cfg.teacher} could not be loaded: {exc}") from exc
     teacher.set_progress_bar_config(disable=True)
+    quiet_prompt_truncation()
     vae_dtype = torch.float32 if teacher.vae.config.get("force_upcast", True) else teacher_dtype
     teacher.vae.to(device, dtype=vae_dtype)
     for module in (teacher.text_encoder, teacher.text_encoder_2, teacher.unet):
@@ -620,10 +650,11 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
     try:
         while progress.step < cfg.max_steps:
             # ---- one optimizer step: gradient_accumulation_steps micro-batches ----
-            step_skipped = 0
+            step_skipped = step_truncated = 0
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
                 step_skipped += batch["skipped"]
+                step_truncated += count_truncated(teacher.tokenizer, batch["captions"])
                 progress.shard_errors = sorted({*progress.shard_errors, *batch["shard_errors"]})
                 with accelerator.accumulate(student):
                     terms = distillation_step(
@@ -659,11 +690,12 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
             # The stream position of the checkpoint: the furthest sample any process used;
             # skipped samples summed over processes. Every process runs these collectives.
             reached = accelerator.gather(
-                torch.tensor([[*position, step_skipped]], device=device)
+                torch.tensor([[*position, step_skipped, step_truncated]], device=device)
             ).tolist()
             epoch, index = max((r[0], r[1]) for r in reached)
             progress.epoch, progress.next_index = epoch, index + 1
             progress.samples_skipped += sum(r[2] for r in reached)
+            progress.captions_truncated += sum(r[3] for r in reached)
             progress.samples_seen += global_batch
             stop_now = (
                 accelerator.reduce(
@@ -693,7 +725,14 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
                 )
                 accelerator.log(last_terms, step=progress.step)
                 if main:
-                    _append_log(koala_dir / TRAIN_LOG_FILE, {"step": progress.step, **last_terms})
+                    _append_log(
+                        koala_dir / TRAIN_LOG_FILE,
+                        {
+                            "step": progress.step,
+                            **last_terms,
+                            "captions_truncated": progress.captions_truncated,
+                        },
+                    )
                     _write_train_state(koala_dir, progress, cfg, last_terms, "training")
                 running.zero_()
                 n_running, window_start, window_images = 0, time.perf_counter(), 0
@@ -736,6 +775,12 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
         _write_train_state(koala_dir, progress, cfg, last_terms, "finished")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if progress.captions_truncated:
+        summary.messages.append(
+            f"{progress.captions_truncated} of {progress.samples_seen} training captions were "
+            f"longer than the text encoders' {teacher.tokenizer.model_max_length} tokens and "
+            "were truncated (filter.text_tokens: trim cuts them at a sentence instead)"
+        )
     loss = last_terms.get("loss")
     summary.messages.append(
         f"KOALA pipeline: {pipeline_dir} (step {progress.step}, loss "
@@ -895,6 +940,7 @@ def _write_train_state(
         "epoch": progress.epoch,
         "samples_seen": progress.samples_seen,
         "samples_skipped": progress.samples_skipped,
+        "captions_truncated": progress.captions_truncated,
         "shard_errors": progress.shard_errors,
         "latest_checkpoint": (
             str(list_checkpoints(koala_dir / "checkpoints")[-1].name)

@@ -43,7 +43,9 @@ def draw_sample(rng: random.Random) -> tuple[bytes, str, str, int, int]:
     return buf.getvalue(), caption, f"{fg} {shape}", width, height
 
 
-def write_shard(path: Path, n: int, seed: int, corrupt_keys: tuple[str, ...] = ()) -> list[str]:
+def write_shard(
+    path: Path, n: int, seed: int, corrupt_keys: tuple[str, ...] = (), caption_tail: str = ""
+) -> list[str]:
     """Write a merge-stage shard: ``{key}.jpg``, ``{key}.txt``, ``{key}.json`` per sample,
     and the merge stage's done marker beside it."""
     rng = random.Random(seed)
@@ -52,6 +54,7 @@ def write_shard(path: Path, n: int, seed: int, corrupt_keys: tuple[str, ...] = (
         for i in range(n):
             key = f"{seed:03d}{i:05d}"
             jpg, caption, alt, width, height = draw_sample(rng)
+            caption += caption_tail
             if key in corrupt_keys:
                 jpg = jpg[:40]  # a truncated JPEG header: does not decode
             meta = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import logging.handlers
 import os
 import shutil
 import signal
@@ -408,3 +410,32 @@ def test_resumed_training_ends_at_the_same_loss_as_an_uninterrupted_run(
     assert summary.ok and (koala / "pipeline" / "model_index.json").exists()
     assert not list(koala.glob(".pipeline.*"))
     assert f"loss {resumed['loss']:.4f}" in " ".join(summary.messages)
+
+
+def test_captions_longer_than_the_text_encoders_are_counted_not_logged_per_batch(
+    make_run: MakeRun, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.koala.conftest import write_shard
+
+    config, _ = make_run(shards=1, per_shard=8, corrupt=False, train={"max_steps": 3})
+    tail = ", drawn with many small details, thin outlines and soft shadows" * 2
+    write_shard(config.stage_dir("merge") / "00000.tar", 8, seed=0, caption_tail=tail)
+    # diffusers' loggers do not propagate to the root: listen on the pipeline's own logger.
+    pipeline_logger = logging.getLogger(
+        "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"
+    )
+    heard = logging.handlers.BufferingHandler(capacity=10_000)
+    pipeline_logger.addHandler(heard)
+    try:
+        with caplog.at_level(logging.INFO):
+            summary = run_stage("train", StageContext(config))
+    finally:
+        pipeline_logger.removeHandler(heard)
+    assert summary.ok
+    said_by_diffusers = [r.getMessage() for r in heard.buffer]
+    assert not [m for m in said_by_diffusers if "truncated because CLIP" in m]  # not per batch
+    state = read_state(config)
+    assert state["captions_truncated"] > 0
+    assert read_log(config)[-1]["captions_truncated"] == state["captions_truncated"]
+    said = [m for m in summary.messages if "longer than the text encoders" in m]
+    assert len(said) == 1 and said[0].startswith(f"{state['captions_truncated']} of ")
