@@ -14,12 +14,11 @@ single process on a CPU-only machine, so there use ``accelerate launch --multi_g
 --num_processes 2 -m recaption train CONFIG`` or ``torchrun --nproc_per_node 2 -m recaption
 train CONFIG``.
 
-Data is streamed from ``run_dir/dataset/webdataset/*.tar``. Every epoch is one deterministic
-stream of samples (seeded shard order, each shard read in key order, seeded shuffle buffer),
-the same however the tars order their members; sample ``i`` of the stream belongs
-to process ``i % world_size``. A checkpoint records the stream position, so a resumed run,
-even with another number of processes, continues where the last checkpoint left off. Each
-process reads the tar bytes of every shard but decodes only its own samples.
+Data is streamed from the merged shards, ``run_dir/dataset/webdataset/*.tar``, by
+:mod:`recaption.training.data`: each process (and each of its DataLoader workers) reads only
+the shards dealt to it for the epoch, in a seeded order that does not depend on how the tars
+order their members. A checkpoint records every reader's place, so a resumed run continues the
+same stream (with another number of processes: from the next epoch boundary).
 
 Outputs in ``run_dir/koala/``: ``checkpoints/checkpoint-NNNNNNNN/`` (accelerate state),
 ``train_state.json`` (step, losses; read by ``recaption status``), ``train_log.jsonl`` (one
@@ -30,25 +29,20 @@ folder with the student U-Net (EMA weights when enabled).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
-from PIL import Image
 from tqdm.auto import tqdm
 
 from recaption.config import RunConfig, TrainConfig, fingerprint
@@ -61,9 +55,13 @@ from recaption.ledger import (
     marker_digest,
     write_json_atomic,
 )
-from recaption.schemas import IMAGE_EXTENSIONS
-from recaption.shards import iter_samples_by_key
 from recaption.signals import ignore_stop_signals
+from recaption.training.data import (
+    TrainingSamples,
+    collate,
+    resume_positions,
+    start_positions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,172 +153,6 @@ def check_checkpoint(path: Path) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: a deterministic stream of preprocessed samples from the webdataset shards
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class StreamPosition:
-    """Where the sample stream stands: epoch and index of the next sample in that epoch."""
-
-    epoch: int = 0
-    index: int = 0
-
-
-def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """Samples of one webdataset tar as dicts of raw bytes (``__key__``, ``jpg``, ...), in key
-    order (see :func:`recaption.shards.iter_samples_by_key`: the training stream, and so the
-    loss, must not depend on the order img2dataset's threads wrote the samples in)."""
-    for sample in iter_samples_by_key(path):
-        yield {"__key__": sample.key, "__url__": str(path), **sample.members}
-
-
-def preprocess_image(
-    image: Image.Image, resolution: int, rng: random.Random, center_crop: bool, flip: bool
-) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """SDXL preprocessing: resize the short side, crop, flip; returns pixels in [-1, 1],
-    the original ``(height, width)`` and the crop's ``(top, left)`` for the time ids."""
-    image = image.convert("RGB")
-    original_size = (image.height, image.width)
-    scale = resolution / min(image.width, image.height)
-    width = max(resolution, round(image.width * scale))
-    height = max(resolution, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
-    if center_crop:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
-    else:
-        top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = width - left - resolution
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0, original_size, (top, left)
-
-
-class TrainingSamples(torch.utils.data.IterableDataset):
-    """This process's share of the endless, deterministic sample stream.
-
-    Epoch ``e`` visits the shards in an order seeded by ``(seed, e)`` through a seeded shuffle
-    buffer; sample ``i`` of the epoch belongs to process ``i % world_size`` and, within it,
-    to DataLoader worker ``(i // world_size) % num_workers``. Only owned samples are decoded.
-    A sample whose image does not decode is skipped and counted (``skipped`` of the next
-    sample); a shard that cannot be read is logged and reported once (``shard_errors``).
-    """
-
-    def __init__(
-        self,
-        shards: list[Path],
-        config: TrainConfig,
-        *,
-        rank: int,
-        world_size: int,
-        start: StreamPosition,
-    ) -> None:
-        super().__init__()
-        self.shards = list(shards)
-        self.config = config
-        self.rank = rank
-        self.world_size = world_size
-        self.start = start
-
-    def _stream(self, epoch: int) -> Iterator[tuple[str, dict[str, Any]]]:
-        rng = random.Random(f"{self.config.seed}-{epoch}")
-        order = list(self.shards)
-        rng.shuffle(order)
-        buffer: list[tuple[str, dict[str, Any]]] = []
-        for path in order:
-            try:
-                for sample in _read_shard(path):
-                    buffer.append((path.stem, sample))
-                    if len(buffer) >= self.config.shuffle_buffer:
-                        yield buffer.pop(rng.randrange(len(buffer)))
-            except Exception as exc:  # a truncated tar: keep the samples read so far
-                yield path.stem, {"__error__": f"{type(exc).__name__}: {exc}"}
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _decode(
-        self, shard: str, sample: dict[str, Any], rng: random.Random
-    ) -> dict[str, Any] | None:
-        key = sample.get("__key__", "?")
-        image_bytes = next((sample[k] for k in IMAGE_EXTENSIONS if k in sample), None)
-        if image_bytes is None or "txt" not in sample:
-            logger.warning("shard %s, key %s: no image or no caption; skipped", shard, key)
-            return None
-        try:
-            with Image.open(io.BytesIO(image_bytes)) as image:
-                image.load()
-                pixels, original_size, crop = preprocess_image(
-                    image,
-                    self.config.resolution,
-                    rng,
-                    self.config.center_crop,
-                    self.config.random_flip and rng.random() < 0.5,
-                )
-        except Exception as exc:  # corrupt or truncated image bytes
-            logger.warning("shard %s, key %s: image does not decode (%s); skipped", shard, key, exc)
-            return None
-        synthetic = sample["txt"].decode("utf-8", errors="replace").strip()
-        original = ""
-        if "json" in sample:
-            with contextlib.suppress(ValueError, AttributeError):
-                original = str(json.loads(sample["json"]).get("original_text") or "").strip()
-        use_synthetic = rng.random() < self.config.synthetic_caption_ratio or not original
-        caption = synthetic if use_synthetic else original
-        if rng.random() < self.config.empty_prompt_ratio:
-            caption = ""
-        return {
-            "pixel_values": pixels,
-            "caption": caption,
-            "original_size": original_size,
-            "crop_top_left": crop,
-        }
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch, index = self.start.epoch, 0
-        skipped, shard_errors, reported = 0, [], set()
-        while True:
-            n_seen = n_yielded = 0
-            for shard, sample in self._stream(epoch):
-                if "__error__" in sample:
-                    if shard not in reported and worker == 0:
-                        logger.error("shard %s is unreadable: %s", shard, sample["__error__"])
-                        shard_errors.append(f"{shard}: {sample['__error__']}")
-                    reported.add(shard)
-                    continue
-                n_seen += 1
-                i, index = index, index + 1
-                if epoch == self.start.epoch and i < self.start.index:
-                    continue  # consumed before the checkpoint we resumed from
-                if i % self.world_size != self.rank:
-                    continue
-                if (i // self.world_size) % n_workers != worker:
-                    continue
-                rng = random.Random(f"{self.config.seed}-{epoch}-{i}")
-                decoded = self._decode(shard, sample, rng)
-                if decoded is None:
-                    skipped += 1
-                    continue
-                decoded.update(epoch=epoch, index=i, skipped=skipped, shard_errors=shard_errors)
-                skipped, shard_errors = 0, []
-                n_yielded += 1
-                yield decoded
-            if n_seen == 0:
-                raise RuntimeError(
-                    "no readable samples in the training shards: "
-                    + ", ".join(str(p) for p in self.shards[:5])
-                )
-            if n_yielded == 0 and not (epoch == self.start.epoch and self.start.index):
-                raise RuntimeError(
-                    f"process {self.rank} (DataLoader worker {worker}) got no decodable sample "
-                    f"in a whole epoch of {n_seen} samples: the images do not decode, or there "
-                    "are fewer samples than processes x train.num_workers"
-                )
-            epoch, index = epoch + 1, 0
-
-
 # diffusers warns once per batch when a prompt is longer than CLIP reads; the training loop
 # counts those captions instead (train_log.jsonl, train_state.json) and says so once.
 _TRUNCATION_WARNING = "truncated because CLIP can only handle"
@@ -349,19 +181,6 @@ def count_truncated(tokenizer: Any, captions: list[str]) -> int:
     return sum(len(i) > limit for i in ids)
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack pixels; keep captions and SDXL size conditioning as lists."""
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "captions": [s["caption"] for s in samples],
-        "original_sizes": [s["original_size"] for s in samples],
-        "crops_top_left": [s["crop_top_left"] for s in samples],
-        "position": max((s["epoch"], s["index"]) for s in samples),
-        "skipped": sum(s["skipped"] for s in samples),
-        "shard_errors": [e for s in samples for e in s["shard_errors"]],
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # Training state that travels in every checkpoint
 # ---------------------------------------------------------------------------------------------
@@ -370,8 +189,9 @@ class TrainProgress:
     """Step counter and data position, saved with ``accelerator.save_state``."""
 
     step: int = 0
-    epoch: int = 0
-    next_index: int = 0
+    epoch: int = 0  # the furthest epoch any reader reached
+    positions: dict[str, list[int]] = field(default_factory=dict)  # reader -> epoch, unit, offset
+    readers: int = 0  # processes x DataLoader workers when positions were recorded
     samples_seen: int = 0
     samples_skipped: int = 0
     captions_truncated: int = 0  # longer than the text encoders read (counted, not logged)
@@ -584,24 +404,30 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
                 "that folder to resume from the one before, or pass --overwrite to start over"
             ) from exc
         logger.info(
-            "resuming from %s at step %d (epoch %d, sample %d)",
-            latest.name,
-            progress.step,
-            progress.epoch,
-            progress.next_index,
+            "resuming from %s at step %d (epoch %d)", latest.name, progress.step, progress.epoch
         )
         # The LR follows max_steps, which may have been raised to extend a finished run.
         _stretch_schedule(lr_scheduler, cfg, progress.step)
     if ema is not None:
         ema.to(device)
 
+    n_readers = accelerator.num_processes * max(1, cfg.num_workers)
+    start, start_epoch = resume_positions(progress.positions, progress.readers, n_readers)
     dataset = TrainingSamples(
         shards,
         cfg,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
-        start=StreamPosition(progress.epoch, progress.next_index),
+        start=start,
+        start_epoch=start_epoch,
     )
+    progress.positions = start_positions(start, start_epoch, n_readers)
+    progress.readers = n_readers
+    # This process's readers' latest places, sent to every process at each step.
+    mine = {
+        r: tuple(progress.positions[str(r)])
+        for r in range(dataset.rank * dataset.workers, (dataset.rank + 1) * dataset.workers)
+    }
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -680,22 +506,24 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
                 running += torch.stack([t.detach().float() for t in terms])
                 n_running += 1
                 window_images += len(batch["captions"])
-                position = batch["position"]
+                for reader, place in batch["positions"].items():
+                    mine[reader] = max(mine[reader], place)
             lr_scheduler.step()
             if ema is not None:
                 ema.step(accelerator.unwrap_model(student).parameters())
             progress.step += 1
             bar.update(1)
 
-            # The stream position of the checkpoint: the furthest sample any process used;
-            # skipped samples summed over processes. Every process runs these collectives.
-            reached = accelerator.gather(
-                torch.tensor([[*position, step_skipped, step_truncated]], device=device)
-            ).tolist()
-            epoch, index = max((r[0], r[1]) for r in reached)
-            progress.epoch, progress.next_index = epoch, index + 1
-            progress.samples_skipped += sum(r[2] for r in reached)
-            progress.captions_truncated += sum(r[3] for r in reached)
+            # Every reader's place for the checkpoint, and the counts summed over processes.
+            # Every process runs these collectives (the same tensor shape on each).
+            rows = [[r, *place, step_skipped, step_truncated] for r, place in mine.items()]
+            reached = accelerator.gather(torch.tensor(rows, device=device)).tolist()
+            for reader, epoch, unit, offset, _, _ in reached:
+                progress.positions[str(reader)] = [epoch, unit, offset]
+            progress.epoch = max(p[0] for p in progress.positions.values())
+            per_process = reached[:: len(mine)]  # the counts are repeated on a process's rows
+            progress.samples_skipped += sum(r[4] for r in per_process)
+            progress.captions_truncated += sum(r[5] for r in per_process)
             progress.samples_seen += global_batch
             stop_now = (
                 accelerator.reduce(

@@ -27,7 +27,6 @@ from recaption.ledger import ConfigMismatchError, StageSummary
 from recaption.stages import StageContext
 from recaption.stages import run as run_stage
 from recaption.stages import sample as sample_stage
-from recaption.stages import train as train_stage
 
 REPO = Path(__file__).resolve().parents[2]
 MakeRun = Callable[..., tuple[RunConfig, Path]]
@@ -83,6 +82,8 @@ def test_member_order_inside_a_tar_does_not_change_the_training_stream(tmp_path:
     import tarfile
 
     from recaption.config import TrainConfig
+    from recaption.shards import iter_samples_by_key
+    from recaption.training.data import TrainingSamples
     from tests.koala.conftest import write_shard
 
     in_order = tmp_path / "a" / "00000.tar"
@@ -100,13 +101,11 @@ def test_member_order_inside_a_tar_does_not_change_the_training_stream(tmp_path:
     with tarfile.open(shuffled) as a, tarfile.open(in_order) as b:
         assert a.getnames() != b.getnames()
 
-    assert [s["__key__"] for s in train_stage._read_shard(shuffled)] == sorted(keys)
-    cfg = TrainConfig(resolution=32, shuffle_buffer=3, seed=7)
+    assert [s.key for s in iter_samples_by_key(shuffled)] == sorted(keys)
+    cfg = TrainConfig(resolution=32, seed=7)
 
     def stream(path: Path) -> list[tuple[str, list[float]]]:
-        samples = train_stage.TrainingSamples(
-            [path], cfg, rank=0, world_size=1, start=train_stage.StreamPosition()
-        )
+        samples = TrainingSamples([path], cfg, rank=0, world_size=1)
         items = itertools.islice(iter(samples), 12)  # an epoch and a half
         return [(s["caption"], s["pixel_values"].mean(dim=(1, 2)).tolist()) for s in items]
 

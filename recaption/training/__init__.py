@@ -1,0 +1,1 @@
+"""The training stage's parts: the data stream (``data``)."""
