@@ -115,15 +115,9 @@ def bench_unet_cpu(batch: int, repeats: int) -> None:
 
 def bench_train_step(steps: int, batch: int) -> None:
     """Benchmark 2: tiny distillation step vs plain fine-tune step, same process."""
-    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
     from recaption.demo.tiny_models import build_tiny_sdxl
-    from recaption.models.koala import (
-        SelfAttentionFeatures,
-        aligned_self_attention_pairs,
-        init_student_from_teacher,
-    )
-    from recaption.stages.train import distillation_step
+    from recaption.training.distiller import Distiller
 
     print(
         f"\n== 2. training step, tiny SDXL teacher -> KOALA-700M student, 64px, batch {batch}, "
@@ -131,10 +125,7 @@ def bench_train_step(steps: int, batch: int) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_sdxl(Path(tmp) / "sdxl")
-        teacher = StableDiffusionXLPipeline.from_pretrained(Path(tmp) / "sdxl")
-    for module in (teacher.vae, teacher.text_encoder, teacher.text_encoder_2, teacher.unet):
-        module.requires_grad_(False).eval()
-    scheduler = DDPMScheduler.from_config(teacher.scheduler.config)
+        teacher = Distiller.load_teacher(Path(tmp) / "sdxl", torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
     batch_data = {
         "pixel_values": torch.rand(batch, 3, 64, 64) * 2 - 1,
@@ -145,35 +136,16 @@ def bench_train_step(steps: int, batch: int) -> None:
     results: dict[str, list[float]] = {"distill": [], "finetune": []}
     runs = {}
     for mode, weights in (("distill", (1.0, 1.0, 1.0)), ("finetune", (1.0, 0.0, 0.0))):
-        student = init_student_from_teacher(teacher.unet, "koala-700m")
-        pairs = aligned_self_attention_pairs(student, teacher.unet)
-        runs[mode] = (
-            student,
-            torch.optim.AdamW(student.parameters(), lr=1e-4),
-            weights,
-            pairs,
-            SelfAttentionFeatures(student, [s for s, _ in pairs]),
-            SelfAttentionFeatures(teacher.unet, [t for _, t in pairs]),
+        distiller = Distiller(
+            teacher, "koala-700m", device=torch.device("cpu"), resolution=64, weights=weights
         )
+        optimizer = torch.optim.AdamW(distiller.student.parameters(), lr=1e-4)
+        runs[mode] = (distiller, optimizer)
 
     def one_step(mode: str) -> float:
-        student, optimizer, weights, pairs, s_feat, t_feat = runs[mode]
+        distiller, optimizer = runs[mode]
         t0 = time.perf_counter()
-        loss = distillation_step(
-            batch_data,
-            teacher=teacher,
-            student=student,
-            noise_scheduler=scheduler,
-            pairs=pairs,
-            student_features=s_feat,
-            teacher_features=t_feat,
-            resolution=64,
-            scaling_factor=teacher.vae.config.scaling_factor,
-            prediction_type="epsilon",
-            teacher_dtype=torch.float32,
-            weights=weights,
-            device=torch.device("cpu"),
-        )[0]
+        loss = distiller.step(batch_data)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
