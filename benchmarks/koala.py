@@ -4,6 +4,7 @@
     python benchmarks/koala.py --only unet     # 1: full-size U-Nets, bf16, 64x64 latents
     python benchmarks/koala.py --only train    # 2: tiny distillation vs fine-tune step
     python benchmarks/koala.py --gpu           # 3: full pipelines on CUDA, 1024px, 25 steps
+    python benchmarks/koala.py --only cache    # 4: step with / without train.cache, 512px
 
 1. One denoising step (U-Net forward, batch ``--batch``) of full-size SDXL-Base-1.0,
    KOALA-1B and KOALA-700M with random weights in bf16 on CPU at 512x512 (64x64 latents),
@@ -16,6 +17,9 @@
 3. ``--gpu``: full ``StableDiffusionXLPipeline``s with SDXL-size VAE and text encoders and
    random fp16 weights, 1024x1024, 25 Euler steps, guidance 7.5: seconds per image and peak
    GPU memory, KOALA-700M (and KOALA-1B) vs SDXL.
+4. A KOALA-700M distillation step (forward + backward) with and without ``train.cache`` at
+   the real sizes on CPU (bf16 autocast, 512px), the frozen weights the cache spares, and the
+   cache's disk cost per million samples.
 """
 
 from __future__ import annotations
@@ -163,8 +167,10 @@ def bench_train_step(steps: int, batch: int) -> None:
     print(f"distill/fine-tune: {distill / finetune:.2f}")
 
 
-def sdxl_pipeline(unet_config: dict[str, Any], device: str) -> Any:
-    """A full-size SDXL pipeline with random fp16 weights (VAE and text encoders at SDXL size)."""
+def sdxl_pipeline(
+    unet_config: dict[str, Any], device: str, dtype: torch.dtype = torch.float16
+) -> Any:
+    """A full-size SDXL pipeline with random weights (VAE and text encoders at SDXL size)."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -175,7 +181,6 @@ def sdxl_pipeline(unet_config: dict[str, Any], device: str) -> Any:
 
     from recaption.demo.tiny_models import build_tiny_clip_tokenizer
 
-    dtype = torch.float16
     text_1 = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=768,
@@ -220,6 +225,75 @@ def sdxl_pipeline(unet_config: dict[str, Any], device: str) -> Any:
             steps_offset=1,
         ),
     )
+
+
+def bench_cache(repeats: int, resolution: int = 512, batch: int = 1) -> None:
+    """Benchmark 4: a KOALA-700M distillation step with and without the training cache, at the
+    real architecture sizes (random weights, bf16 autocast on CPU), and what the cache saves
+    in memory and costs on disk."""
+    from recaption.training.distiller import Distiller
+
+    print(
+        f"\n== 4. distillation step with / without train.cache: SDXL teacher (full size), "
+        f"KOALA-700M student, {resolution}px, batch {batch}, CPU bf16 autocast, forward + "
+        f"backward, median of {repeats} interleaved steps =="
+    )
+    device, dtype = torch.device("cpu"), torch.bfloat16
+    pipe = sdxl_pipeline(SDXL_BASE_UNET_CONFIG, "cpu", dtype)
+    distiller = Distiller(pipe, "koala-700m", device=device, teacher_dtype=dtype,
+                          resolution=resolution)  # fmt: skip
+    frozen = [pipe.vae.encoder, pipe.vae.quant_conv, pipe.text_encoder, pipe.text_encoder_2]
+    n_frozen = sum(p.numel() for m in frozen for p in m.parameters())
+    captions = ["a photograph of a red fox sitting in the snow, detailed fur, soft light"] * batch
+    plain = {
+        "pixel_values": torch.rand(batch, 3, resolution, resolution) * 2 - 1,
+        "captions": captions,
+        "original_sizes": [(resolution, resolution)] * batch,
+        "crops_top_left": [(0, 0)] * batch,
+    }
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        dist = pipe.vae.encode(plain["pixel_values"].to(dtype)).latent_dist
+        prompt, _, pooled, _ = pipe.encode_prompt(captions, device=device,
+                                                  do_classifier_free_guidance=False)  # fmt: skip
+    cached = {
+        "latents_mean": dist.mean,
+        "latents_std": dist.std,
+        "prompt_embeds": prompt,
+        "pooled_embeds": pooled,
+        "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch),
+    }
+
+    def one_step(batch_data: dict[str, Any]) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = distiller.step(batch_data)[0]
+        loss.backward()
+        distiller.student.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    one_step(plain), one_step(cached)  # warm-up
+    times: dict[str, list[float]] = {"plain": [], "cached": []}
+    for _ in range(repeats):
+        times["plain"].append(one_step(plain))
+        times["cached"].append(one_step(cached))
+    plain_s, cached_s = (statistics.median(times[k]) for k in ("plain", "cached"))
+    print(f"step encoding on the fly (VAE encoder + 2 text encoders): {plain_s:7.2f} s")
+    print(f"step from the cache:                                      {cached_s:7.2f} s")
+    print(f"cached/plain: {cached_s / plain_s:.2f}  (saves {1 - cached_s / plain_s:.0%} a step)")
+    print(
+        f"frozen weights no longer loaded (VAE encoder, text encoders): {n_frozen / 1e6:.0f}M "
+        f"params = {n_frozen * 2 / 2**30:.2f} GiB in bf16 per process"
+    )
+    # Disk: what `recaption encode` stores per sample (bf16), at this size and at 1024 px.
+    for side in (resolution, 1024):
+        latent = 4 * (side // 8) ** 2 * 2 * 2  # mean and std, bf16
+        text = (77 * 2048 + 1280) * 2  # prompt + pooled embeddings, bf16
+        per_sample = latent + text + 6 * 4
+        print(
+            f"disk at {side}px: {per_sample / 1e3:.0f} KB a sample = "
+            f"{per_sample:.2e} B/sample = {per_sample * 1e6 / 1e9:.0f} GB per million samples "
+            f"(+{text * 1e6 / 1e9:.0f} GB with the alt-text's embeddings too)"
+        )
 
 
 def bench_gpu(repeats: int) -> None:
@@ -269,7 +343,7 @@ def bench_gpu(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["unet", "train"], help="run one CPU benchmark")
+    parser.add_argument("--only", choices=["unet", "train", "cache"], help="run one CPU benchmark")
     parser.add_argument("--gpu", action="store_true", help="run benchmark 3 on CUDA instead")
     parser.add_argument("--batch", type=int, default=1, help="U-Net batch (2 = one CFG step)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -286,6 +360,8 @@ def main() -> None:
         bench_unet_cpu(args.batch, args.repeats)
     if args.only in (None, "train"):
         bench_train_step(args.train_steps, args.train_batch)
+    if args.only in (None, "cache"):
+        bench_cache(args.repeats)
 
 
 if __name__ == "__main__":

@@ -67,12 +67,20 @@ class DownloadConfig(Section):
     """Pre-filter LAION-style metadata with pyarrow, then download with img2dataset."""
 
     operational_keys: ClassVar[frozenset[str]] = frozenset(
-        {"processes", "threads", "distributor", "min_success_rate"}
+        {"processes", "threads", "distributor", "spark_master", "min_success_rate"}
     )
 
     metadata: list[str] = Field(
         default_factory=list,
         description="Metadata parquet files, folders of them, or glob patterns.",
+    )
+    blocklist: list[str] = Field(
+        default_factory=list,
+        description="Text files, one URL or metadata hash a line (# comments): matching rows "
+        "are dropped by the pre-filter and counted (rule 'blocklist').",
+    )
+    hash_col: str = Field(
+        "hash", description="Metadata column that blocklist hashes are matched against."
     )
     url_col: str = "URL"
     caption_col: str = "TEXT"
@@ -126,10 +134,39 @@ class DownloadConfig(Section):
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
     user_agent_token: str | None = "recaption"
-    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = Field(
+        "multiprocessing",
+        description="img2dataset distributor. multiprocessing: this node. pyspark: a local "
+        "Spark session on this node unless download.spark_master names a Spark cluster.",
+    )
+    spark_master: str | None = Field(
+        None,
+        description="With distributor pyspark: the master URL of a running Spark cluster "
+        "(spark://HOST:7077); the download then runs on its workers.",
+    )
     min_success_rate: float = Field(
         0.5, ge=0, le=1, description="Warn loudly when fewer downloads than this succeed."
     )
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """As for every section, minus the blocklist keys while no blocklist is set (so
+        adding these keys left the fingerprint of runs without a blocklist unchanged); the
+        download stage adds the blocklist's content digest."""
+        data = super().fingerprint_dict()
+        if not self.blocklist:
+            data.pop("blocklist", None)
+            data.pop("hash_col", None)
+        return data
+
+    @model_validator(mode="after")
+    def _spark_master_needs_pyspark(self) -> DownloadConfig:
+        if self.spark_master is not None and self.distributor != "pyspark":
+            raise ValueError(
+                f"download.spark_master is set ({self.spark_master!r}) but download.distributor "
+                f"is {self.distributor!r}; set download.distributor: pyspark to download on "
+                "the Spark cluster, or remove download.spark_master"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -146,9 +183,72 @@ class DownloadConfig(Section):
 
 
 class CaptionConfig(Section):
-    """LLaVA captioning of every downloaded image (``recaption caption``)."""
+    """LLaVA captioning of every downloaded image (``recaption caption``).
 
-    operational_keys: ClassVar[frozenset[str]] = frozenset({"batch_size", "num_workers", "device"})
+    ``backend: transformers`` runs the model in the stage's process; ``backend: openai`` sends
+    each image to an OpenAI-compatible server (vLLM, SGLang, ``transformers serve``), either
+    running at ``endpoint`` or started by the stage from ``server.command``.
+    """
+
+    class ServerConfig(Section):
+        """A server the caption stage starts itself (``backend: openai``), and stops."""
+
+        command: str | None = Field(
+            None,
+            description="Command that starts an OpenAI-compatible server; {port} is required, "
+            "{host}, {model} (caption.model as a hub id or folder) and {gpus} (GPUs visible to "
+            "the task) are filled in, e.g. 'vllm serve {model} --port {port} "
+            "--data-parallel-size {gpus}'.",
+        )
+        host: str = Field("127.0.0.1", description="Address the server listens on and is asked at.")
+        port: int | None = Field(None, ge=1, le=65535, description="Default: a free port.")
+        startup_timeout: float = Field(
+            1200, gt=0, allow_inf_nan=False, description="Seconds to wait for /v1/models."
+        )
+        stop_timeout: float = Field(
+            60, gt=0, allow_inf_nan=False, description="Seconds from SIGTERM to SIGKILL."
+        )
+
+        @model_validator(mode="before")
+        @classmethod
+        def _no_key_in_command(cls, data: Any) -> Any:
+            """Refuse ``--api-key`` in the command without echoing it into the error."""
+            from recaption.serving import KEY_IN_COMMAND_PROBLEM, passes_api_key
+
+            command = data.get("command") if isinstance(data, dict) else None
+            if isinstance(command, str) and passes_api_key(command):
+                raise ValueError(f"caption.server.command {KEY_IN_COMMAND_PROBLEM}")
+            return data
+
+        @field_validator("command")
+        @classmethod
+        def _command_usable(cls, value: str | None) -> str | None:
+            from recaption.serving import command_problem
+
+            if value is None:
+                return None
+            problem = command_problem(value)
+            if problem:
+                raise ValueError(f"the server command {problem}")
+            return value
+
+    operational_keys: ClassVar[frozenset[str]] = frozenset(
+        {
+            "batch_size",
+            "num_workers",
+            "device",
+            "endpoint",
+            "api_key_env",
+            "concurrency",
+            "request_timeout",
+            "max_retries",
+            "retry_backoff",
+            "max_request_error_rate",
+            "server",
+        }
+    )
+    # Keys that only the openai backend reads: left out of a transformers run's fingerprint.
+    openai_keys: ClassVar[frozenset[str]] = frozenset({"backend", "request_image_side"})
 
     model: str = Field(
         "llava-hf/llava-1.5-7b-hf",
@@ -186,6 +286,99 @@ class CaptionConfig(Section):
     max_image_pixels: int = Field(
         89_478_485, gt=0, description="Larger images are refused unread (decompression bombs)."
     )
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers",
+        description="transformers: generate() in this process; openai: requests to an "
+        "OpenAI-compatible server (vLLM, SGLang, transformers serve).",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="openai: base URL of a running server, e.g. http://127.0.0.1:8000/v1 "
+        "(or caption.server.command to start one).",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="openai: name of the environment variable that holds the server's API key "
+        "(the key itself is never written in the config, a log or an output).",
+    )
+    concurrency: int = Field(32, gt=0, description="openai: requests in flight at once.")
+    request_timeout: float = Field(
+        600, gt=0, allow_inf_nan=False, description="openai: seconds one request may take."
+    )
+    max_retries: int = Field(
+        4, ge=0, description="openai: retries of a request after a timeout, 429 or 5xx."
+    )
+    retry_backoff: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="openai: first retry wait (s), then doubled."
+    )
+    max_request_error_rate: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="openai: a shard whose failed requests exceed this share fails (a rerun "
+        "retries it); below it each failed request is an error row.",
+    )
+    request_image_side: int | None = Field(
+        None,
+        gt=0,
+        description="openai: images are sent with their shorter side brought down to this; "
+        "default: the model's input side from its image processor (336 for LLaVA-1.5).",
+    )
+    server: ServerConfig = Field(
+        default_factory=ServerConfig,
+        description="openai: a server the stage starts and stops; keys caption.server.command, "
+        ".host, .port, .startup_timeout, .stop_timeout.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials_in_endpoint(cls, data: Any) -> Any:
+        """Refuse ``user:password@`` in the endpoint without echoing it into the error."""
+        from recaption.serving import CREDENTIALS_PROBLEM, has_credentials
+
+        endpoint = data.get("endpoint") if isinstance(data, dict) else None
+        if isinstance(endpoint, str) and has_credentials(endpoint):
+            raise ValueError(f"caption.endpoint {CREDENTIALS_PROBLEM}")
+        return data
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: str | None) -> str | None:
+        from recaption.serving import endpoint_problem
+
+        if value is None:
+            return None
+        problem = endpoint_problem(value)
+        if problem:
+            raise ValueError(f"the endpoint {problem}")
+        return value.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _openai_has_a_server(self) -> CaptionConfig:
+        """The openai backend needs exactly one server: a running one or a command."""
+        if self.backend != "openai":
+            return self
+        if self.endpoint is None and not self.server.command:
+            raise ValueError(
+                "caption.backend is 'openai' but neither caption.endpoint (a running server, "
+                "e.g. http://127.0.0.1:8000/v1) nor caption.server.command (one the stage "
+                "starts, e.g. 'vllm serve llava-hf/llava-1.5-7b-hf --port {port}') is set"
+            )
+        if self.endpoint is not None and self.server.command:
+            raise ValueError(
+                "caption.endpoint and caption.server.command are both set; keep one: the "
+                "endpoint of a running server, or the command that starts one "
+                "(caption.server.command=null to use the endpoint)"
+            )
+        return self
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """As for every section; a transformers run leaves out the openai-only keys, so its
+        fingerprint is what it was before the openai backend existed."""
+        data = super().fingerprint_dict()
+        if self.backend == "transformers":
+            data = {k: v for k, v in data.items() if k not in self.openai_keys}
+        return data
 
 
 class FilterConfig(Section):
@@ -224,6 +417,21 @@ class FilterConfig(Section):
     min_language_confidence: float = Field(0.5, ge=0, le=1)
     max_duplicate_copies: int | None = Field(
         3, ge=1, description="Reject captions repeated on more images than this; null: off."
+    )
+    text_tokens: Literal["trim", "drop", "keep", "off"] = Field(
+        "trim",
+        description="Captions longer than max_text_tokens: trim to the last whole sentence "
+        "that fits, drop, or keep (training truncates them); off: not measured.",
+    )
+    max_text_tokens: int = Field(
+        77,
+        gt=2,
+        description="The text encoders' context: CLIP reads 77 tokens, start/end included.",
+    )
+    text_tokenizer: str | None = Field(
+        None,
+        description="Tokenizer measuring captions (hub id or folder; an SDXL pipeline's "
+        "tokenizer/ is used); null: train.teacher's.",
     )
     clip_model: str | None = Field(
         None, description="CLIP hub id, folder or demo:tiny-clip; null turns CLIP scoring off."
@@ -277,10 +485,18 @@ class MergeConfig(Section):
     """Join images, captions and filter decisions into publishable and trainable outputs."""
 
     operational_keys: ClassVar[frozenset[str]] = frozenset(
-        {"pretty_name", "source_description", "report_examples"}
+        {"pretty_name", "source_description", "report_examples", "min_done_fraction"}
     )
 
     embed_images_in_parquet: bool = False
+    min_done_fraction: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of the run's shards that must come through every stage for a "
+        "SLURM chain to go on; shards that still fail after the jobs' retries are left out "
+        "(listed by `recaption status` and the card). 1.0: any failure stops the chain.",
+    )
     pretty_name: str = Field("recaption dataset", description="Title of the dataset card.")
     source_description: str = Field(
         "LAION-style image URL and alt-text metadata (e.g. LAION-Aesthetics V2 6+)",
@@ -307,6 +523,7 @@ class TrainConfig(Section):
             "log_every",
             "report_to",
             "cpu_threads",
+            "global_batch_size",
         }
     )
 
@@ -322,14 +539,32 @@ class TrainConfig(Section):
     center_crop: bool = Field(False, description="Centre crop instead of a random crop.")
     random_flip: bool = False
     synthetic_caption_ratio: float = Field(
-        1.0, ge=0, le=1, description="Share of samples trained on the synthetic caption."
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of samples trained on the synthetic caption; the others use the "
+        "original alt-text (1.0: KOALA-LLaVA-Caption; DALL-E 3 used 0.95, SD3 0.5).",
     )
     empty_prompt_ratio: float = Field(
         0.1, ge=0, le=1, description="Share of empty prompts (classifier-free guidance)."
     )
-    shuffle_buffer: int = Field(1000, ge=1, description="Samples in the shuffle buffer.")
+    cache: bool = Field(
+        False,
+        description="Train from run_dir/cache (`recaption encode`): VAE latents and text "
+        "embeddings computed once; the VAE encoder and text encoders are not loaded.",
+    )
+    cache_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="How `recaption encode` stores latents and embeddings."
+    )
     batch_size: int = Field(8, gt=0, description="Samples per process per micro-batch.")
     gradient_accumulation_steps: int = Field(1, gt=0)
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="The recipe's global batch (batch_size x processes x "
+        "gradient_accumulation_steps); jobs/submit.sh refuses a training job that would "
+        "train with another. null: not checked.",
+    )
     learning_rate: float = Field(1e-5, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = (
         "constant_with_warmup"
@@ -471,6 +706,10 @@ class RunConfig(Section):
         return self.run_dir / "koala"
 
     @property
+    def cache_dir(self) -> Path:
+        return self.run_dir / "cache"
+
+    @property
     def samples_dir(self) -> Path:
         return self.run_dir / "samples"
 
@@ -482,6 +721,7 @@ class RunConfig(Section):
             "filter": self.filtered_dir,
             "merge": self.dataset_dir / "webdataset",
             "train": self.koala_dir,
+            "encode": self.cache_dir,
             "sample": self.samples_dir,
         }[stage]
 

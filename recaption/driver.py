@@ -209,6 +209,10 @@ class ShardedStage(Stage):
         """The shards this worker owns (the same split for every rank, whatever is done)."""
         return assign(self.shards, self.ctx.rank, self.ctx.world_size)
 
+    def skip_reason(self) -> str | None:
+        """Why the stage has nothing to do in this run (an optional stage switched off)."""
+        return None
+
     def plan(self) -> None:
         """Run-wide precomputation every worker needs before deciding what is done."""
 
@@ -245,6 +249,10 @@ class ShardedStage(Stage):
 
     def close(self, summary: StageSummary) -> None:
         """Report on this worker's run (every run that was not interrupted)."""
+
+    def teardown(self) -> None:
+        """Release what :meth:`setup` acquired (a server it started, ...); called on every
+        exit after start-up: done, failed, stopped by a signal, or broken by an exception."""
 
 
 class SingleOutputStage(Stage):
@@ -320,6 +328,11 @@ def _run_sharded(stage: ShardedStage) -> StageSummary:
         summary = StageSummary(stage.name, ctx.rank, ctx.world_size)
         summary.messages.append(f"{stage.name} runs on rank 0 only (this is rank {ctx.rank})")
         return summary
+    reason = stage.skip_reason()
+    if reason is not None:
+        summary = StageSummary(stage.name, ctx.rank, ctx.world_size)
+        summary.messages.append(f"{stage.name}: {reason}")
+        return summary
     with startup(stage.name, validation=True):
         stage.check()
         shards = sorted(set(stage.input_shards()))
@@ -382,7 +395,10 @@ def _run_sharded(stage: ShardedStage) -> StageSummary:
                 stage.finish(summary)
             stage.close(summary)
     finally:
-        claims.release_all()
+        try:
+            stage.teardown()
+        finally:
+            claims.release_all()
     summary.seconds = time.perf_counter() - start
     return summary
 

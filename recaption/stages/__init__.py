@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {
     "caption": "recaption.stages.caption:CaptionStage",
     "filter": "recaption.stages.filter:FilterStage",
     "merge": "recaption.stages.merge:MergeStage",
+    "encode": "recaption.stages.encode:EncodeStage",
     "train": "recaption.stages.train:TrainStage",
     "sample": "recaption.stages.sample:SampleStage",
 }
@@ -27,6 +28,7 @@ STAGE_HELP: dict[str, str] = {
     "caption": "write a new caption for every image with LLaVA, in GPU batches",
     "filter": "apply named caption rules: keep, clean or reject each caption",
     "merge": "join images, captions and decisions into webdataset + parquet + dataset card",
+    "encode": "precompute VAE latents and text embeddings for training (train.cache)",
     "train": "distil the SDXL teacher into a KOALA student on the new pairs (accelerate)",
     "sample": "sample the trained KOALA pipeline (Euler, 25 steps, guidance 7.5)",
 }

@@ -28,7 +28,6 @@ folder with the student U-Net (EMA weights when enabled).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -69,7 +68,7 @@ from recaption.training.data import (
     resume_positions,
     start_positions,
 )
-from recaption.training.distiller import TORCH_DTYPES, Distiller
+from recaption.training.distiller import TORCH_DTYPES, Distiller, check_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -104,30 +103,29 @@ def merged_dataset(config: RunConfig) -> list[Path]:
     return tars
 
 
-def check_teacher(spec: str) -> None:
-    """Refuse a local teacher folder that is missing or not an SDXL pipeline.
+def cached_dataset(config: RunConfig, merged: list[Path]) -> list[Path]:
+    """The cache shards of the merged ones (``train.cache``), once ``recaption encode`` has
+    encoded every one of them with the current teacher and preprocessing."""
+    from recaption.ledger import ShardLedger
+    from recaption.training.data import cache_config
 
-    Hub ids are checked when they load (``from_pretrained`` names the problem).
-    """
-    path = Path(spec)
-    looks_local = path.is_absolute() or spec.startswith(".") or path.exists()
-    if not looks_local:
-        return
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(
-            f"teacher {spec}: no model_index.json there; train.teacher must be an SDXL pipeline "
-            "folder (save_pretrained of StableDiffusionXLPipeline) or a hub id such as "
-            "stabilityai/stable-diffusion-xl-base-1.0"
-        )
-    components = json.loads(index.read_text())
-    needed = ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
-    missing = [c for c in needed if c not in components]
-    if missing:
+    cache_dir = config.cache_dir
+    ledger = ShardLedger("encode", cache_dir, cache_config(config.train))
+    recorded = ledger.recorded_config()
+    if recorded is not None and recorded.get("fingerprint") != ledger.fingerprint:
         raise ValueError(
-            f"teacher {spec} is not an SDXL pipeline ({components.get('_class_name')}, missing "
-            f"{', '.join(missing)}); KOALA distils StableDiffusionXLPipeline checkpoints"
+            f"{cache_dir} was encoded with another teacher or preprocessing than train now "
+            "uses; run `recaption encode CONFIG --overwrite`"
         )
+    stamps = {p.stem: marker_digest(config.stage_dir("merge"), p.stem) for p in merged}
+    ledger.set_input_stamps(stamps)
+    missing = sorted(shard for shard in stamps if not ledger.is_done(shard))
+    if missing:
+        raise FileNotFoundError(
+            f"train.cache is on but {len(missing)} merged shard(s) are not encoded (or changed "
+            f"since): {', '.join(missing[:10])}; run `recaption encode CONFIG` first"
+        )
+    return [cache_dir / f"{shard}.safetensors" for shard in stamps]
 
 
 # diffusers warns once per batch when a prompt is longer than CLIP reads; the training loop
@@ -176,6 +174,8 @@ class TrainStage(SingleOutputStage):
         """Everything that can be wrong is found before anything is written."""
         cfg = self.config.train
         self.shards = merged_dataset(self.config)
+        if cfg.cache:
+            self.shards = cached_dataset(self.config, self.shards)
         if cfg.resolution % 8:
             raise ValueError(
                 f"train.resolution {cfg.resolution} is not divisible by 8 (the VAE's "
@@ -190,7 +190,10 @@ class TrainStage(SingleOutputStage):
     def stage_config(self) -> dict[str, Any]:
         # The dataset trained on is part of what decides the output: a changed dataset is a
         # changed config (refused without --overwrite; training on it starts over).
-        merge_dir = self.config.stage_dir("merge")
+        # The markers of the files training reads: merged tars, or their cache.
+        merge_dir = (
+            self.config.cache_dir if self.config.train.cache else self.config.stage_dir("merge")
+        )
         return {
             **self.config.train.fingerprint_dict(),
             "dataset": {
@@ -263,15 +266,26 @@ def prepare(stage: TrainStage) -> Session:
         (koala_dir / TRAIN_LOG_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     device = accelerator.device
-    set_seed(cfg.seed, device_specific=True)  # each process draws its own noise
     if cfg.cpu_threads and device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
 
     teacher_dtype = TORCH_DTYPES[cfg.teacher_dtype]
     teacher = Distiller.load_teacher(
-        stage.teacher_spec, device, teacher_dtype, cfg.teacher_revision, cfg.teacher_variant
+        stage.teacher_spec,
+        device,
+        teacher_dtype,
+        cfg.teacher_revision,
+        cfg.teacher_variant,
+        unet_only=cfg.cache,  # from the cache: no VAE encoder, no text encoders
     )
+    if cfg.cache:
+        logger.info(
+            "training from %s: the VAE and text encoders are not loaded", stage.shards[0].parent
+        )
     quiet_prompt_truncation()
+    # Seeded once the teacher is loaded: loading may draw from the RNG (and training from the
+    # cache loads fewer parts), so the student and the noise are the same either way.
+    set_seed(cfg.seed, device_specific=True)  # each process draws its own noise
     distiller = Distiller(
         teacher,
         cfg.preset,
@@ -280,6 +294,9 @@ def prepare(stage: TrainStage) -> Session:
         resolution=cfg.resolution,
         weights=(cfg.task_loss_weight, cfg.output_kd_weight, cfg.feature_kd_weight),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        scaling_factor=Distiller.vae_scaling_factor(stage.teacher_spec, cfg.teacher_revision)
+        if cfg.cache
+        else None,
     )
     student = distiller.student
     optimizer, lr_scheduler, ema = optimizer_and_ema(student, cfg, device)
@@ -468,7 +485,8 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
             for _ in range(cfg.gradient_accumulation_steps):  # micro-batches of one step
                 batch = next(s.batches)
                 skipped += batch["skipped"]
-                truncated += count_truncated(distiller.teacher.tokenizer, batch["captions"])
+                if batch["captions"] is not None:  # cached: measured when encoded
+                    truncated += count_truncated(distiller.teacher.tokenizer, batch["captions"])
                 progress.shard_errors = sorted({*progress.shard_errors, *batch["shard_errors"]})
                 with acc.accumulate(distiller.student):
                     terms = distiller.step(batch)
@@ -477,7 +495,7 @@ def train(stage: TrainStage, summary: StageSummary) -> dict[str, Any]:
                         acc.clip_grad_norm_(distiller.student.parameters(), cfg.max_grad_norm)
                     s.optimizer.step()
                     s.optimizer.zero_grad(set_to_none=True)
-                window.add(terms, len(batch["captions"]))
+                window.add(terms, len(batch["keys"]))
                 for reader, place in batch["positions"].items():
                     s.readers[reader] = max(s.readers[reader], place)
             s.lr_scheduler.step()
@@ -546,6 +564,14 @@ def finish(
     # The teacher's VAE, text encoders, tokenizers and scheduler + the student U-Net.
     acc.wait_for_everyone()
     teacher = s.distiller.teacher
+    if main and cfg.cache:  # the VAE and text encoders were not loaded: the export needs them
+        teacher = Distiller.load_teacher(
+            stage.teacher_spec,
+            torch.device("cpu"),
+            TORCH_DTYPES[cfg.teacher_dtype],
+            cfg.teacher_revision,
+            cfg.teacher_variant,
+        )
     if main:
         unet = acc.unwrap_model(s.distiller.student)
         if s.ema is not None:
@@ -578,6 +604,7 @@ MODEL_CARD = """---
 library_name: diffusers
 pipeline_tag: text-to-image
 tags: [koala, sdxl, knowledge-distillation]
+{license_front_matter}
 ---
 # {preset} distilled from {teacher}
 
@@ -597,6 +624,14 @@ image = pipe(
     guidance_scale=7.5,
 ).images[0]
 ```
+
+## License and use restrictions
+
+{license_text}
+
+## Training data
+
+{data_text}
 """
 
 
@@ -620,6 +655,10 @@ def save_pipeline(teacher: Any, unet: torch.nn.Module, folder: Path, cfg: TrainC
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     pipe.save_pretrained(tmp, safe_serialization=True)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
+    from recaption.dataset_card import model_card_fields
+
+    # The pipeline is run_dir/koala/pipeline; the dataset it was trained on is run_dir/dataset.
+    terms = model_card_fields(cfg.teacher, folder.parent.parent / "dataset")
     (tmp / "README.md").write_text(
         MODEL_CARD.format(
             preset=cfg.preset,
@@ -627,6 +666,7 @@ def save_pipeline(teacher: Any, unet: torch.nn.Module, folder: Path, cfg: TrainC
             params=params,
             steps=cfg.max_steps,
             resolution=cfg.resolution,
+            **terms,
         )
     )
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")

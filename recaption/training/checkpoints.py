@@ -163,5 +163,3 @@ def write_train_state(
         **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in terms.items()},
     }
     write_json_atomic(koala_dir / TRAIN_STATE_FILE, state)
-
-

@@ -71,33 +71,154 @@ def unit_order(seed: int, epoch: int, unit: Unit) -> Any:
 
     def order(keys: list[str]) -> list[str]:
         keys = list(keys)
-        random.Random(f"{seed}-{epoch}-{unit.shard.name}").shuffle(keys)
+        random.Random(f"{seed}-{epoch}-{unit.shard.stem}").shuffle(keys)
         return keys[unit.part :: unit.parts]
 
     return order
 
 
+def cache_config(config: TrainConfig) -> dict[str, Any]:
+    """What decides the training cache (``recaption encode``): teacher and preprocessing."""
+    keys = ("teacher", "teacher_revision", "teacher_variant", "teacher_dtype", "resolution",
+            "center_crop", "random_flip", "seed", "cache_dtype")  # fmt: skip
+    data: dict[str, Any] = {k: getattr(config, k) for k in keys}
+    data["original_captions"] = config.synthetic_caption_ratio < 1
+    return {"train": data}  # keys as they are in the config (train.teacher, ...)
+
+
+def scaled_size(original_size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """``(height, width)`` after resizing the short side to ``resolution``."""
+    height, width = original_size
+    scale = resolution / min(width, height)
+    return max(resolution, round(height * scale)), max(resolution, round(width * scale))
+
+
+def draw_augmentation(
+    rng: random.Random, original_size: tuple[int, int], config: TrainConfig
+) -> tuple[int, int, bool]:
+    """The crop's ``(top, left)`` in the resized image and whether to flip, drawn from
+    ``rng`` (the flip first, then the crop: the same draws whether pixels are decoded now or
+    latents come from the cache)."""
+    flip = config.random_flip and rng.random() < 0.5
+    height, width = scaled_size(original_size, config.resolution)
+    res = config.resolution
+    if config.center_crop:
+        return (height - res) // 2, (width - res) // 2, flip
+    return rng.randint(0, height - res), rng.randint(0, width - res), flip
+
+
 def preprocess_image(
-    image: Image.Image, resolution: int, rng: random.Random, center_crop: bool, flip: bool
+    image: Image.Image, resolution: int, top: int, left: int, flip: bool
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """SDXL preprocessing: resize the short side, crop, flip; returns pixels in [-1, 1],
-    the original ``(height, width)`` and the crop's ``(top, left)`` for the time ids."""
+    """SDXL preprocessing: resize the short side, crop, flip; returns pixels in [-1, 1], the
+    original ``(height, width)`` and the crop's ``(top, left)`` (of the flipped image) for the
+    time ids."""
     image = image.convert("RGB")
     original_size = (image.height, image.width)
-    scale = resolution / min(image.width, image.height)
-    width = max(resolution, round(image.width * scale))
-    height = max(resolution, round(image.height * scale))
+    height, width = scaled_size(original_size, resolution)
     image = image.resize((width, height), Image.Resampling.BILINEAR)
-    if center_crop:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
-    else:
-        top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = width - left - resolution
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
     return pixels / 127.5 - 1.0, original_size, (top, left)
+
+
+def decode_sample(
+    sample: RawSample, shard: str, rng: random.Random, config: TrainConfig
+) -> dict[str, Any] | None:
+    """Pixels and size conditioning of a merged sample, with its two captions; None (and a
+    warning) when it has no image or caption or the image does not decode."""
+    image_bytes = next((sample.members[k] for k in IMAGE_EXTENSIONS if k in sample.members), None)
+    if image_bytes is None or "txt" not in sample.members:
+        logger.warning("shard %s, key %s: no image or no caption; skipped", shard, sample.key)
+        return None
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            image.load()
+            top, left, flip = draw_augmentation(rng, (image.height, image.width), config)
+            pixels, original_size, crop = preprocess_image(
+                image, config.resolution, top, left, flip
+            )
+    except Exception as exc:  # corrupt or truncated image bytes
+        logger.warning(
+            "shard %s, key %s: image does not decode (%s); skipped", shard, sample.key, exc
+        )
+        return None
+    original = ""
+    if "json" in sample.members:
+        with contextlib.suppress(ValueError, AttributeError):
+            original = str(json.loads(sample.members["json"]).get("original_text") or "").strip()
+    return {
+        "key": sample.key,
+        "pixel_values": pixels,
+        "synthetic": sample.members["txt"].decode("utf-8", errors="replace").strip(),
+        "original": original,
+        "original_size": original_size,
+        "crop_top_left": crop,
+    }
+
+
+CACHE_ROWS = ("latents_mean", "latents_std", "prompt_embeds", "pooled_embeds", "time_ids")
+
+
+def iter_cached_in_order(
+    path: Path, order: Any, start: int = 0
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """``(key, tensors)`` of a cache shard (``recaption encode``) in ``order(sorted keys)``
+    from the ``start``-th on; only the rows read are loaded (safetensors slices)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = json.loads((f.metadata() or {}).get("keys", "[]"))
+        row_of = {key: i for i, key in enumerate(keys)}
+        names = set(f.keys())
+        shared = {
+            name: f.get_tensor(name)[0]
+            for name in ("empty_prompt_embeds", "empty_pooled_embeds")
+            if name in names
+        }
+        per_row = [n for n in (*CACHE_ROWS, "prompt_embeds_original", "pooled_embeds_original")
+                   if n in names]  # fmt: skip
+        for key in order(sorted(keys))[start:]:
+            i = row_of[key]
+            tensors = {name: f.get_slice(name)[i : i + 1][0] for name in per_row}
+            yield key, {**tensors, **shared}
+
+
+def cached_sample(
+    key: str, tensors: dict[str, torch.Tensor], rng: random.Random, config: TrainConfig
+) -> dict[str, Any]:
+    """A training sample from the cache, drawing from ``rng`` what decoding would draw: the
+    augmentation (kept from encoding: the draw is consumed, not used) and the caption."""
+    time_ids = tensors["time_ids"]
+    draw_augmentation(rng, (int(time_ids[0]), int(time_ids[1])), config)
+    choice = choose_caption(rng, True, config)  # without an alt-text, "original" is synthetic
+    suffix = {"synthetic": "", "original": "_original"}.get(choice)
+    if suffix is None:
+        prompt, pooled = tensors["empty_prompt_embeds"], tensors["empty_pooled_embeds"]
+    elif f"prompt_embeds{suffix}" in tensors:
+        prompt, pooled = tensors[f"prompt_embeds{suffix}"], tensors[f"pooled_embeds{suffix}"]
+    else:  # encoded for synthetic captions only
+        prompt, pooled = tensors["prompt_embeds"], tensors["pooled_embeds"]
+    return {
+        "key": key,
+        "latents_mean": tensors["latents_mean"],
+        "latents_std": tensors["latents_std"],
+        "prompt_embeds": prompt,
+        "pooled_embeds": pooled,
+        "time_ids": time_ids,
+    }
+
+
+def choose_caption(rng: random.Random, has_original: bool, config: TrainConfig) -> str:
+    """Which caption a sample is trained on this time: ``synthetic``, ``original`` (the
+    alt-text, ``1 - synthetic_caption_ratio`` of the time) or ``empty`` (``empty_prompt_ratio``,
+    for classifier-free guidance)."""
+    use_synthetic = rng.random() < config.synthetic_caption_ratio or not has_original
+    choice = "synthetic" if use_synthetic else "original"
+    return "empty" if rng.random() < config.empty_prompt_ratio else choice
 
 
 class TrainingSamples(torch.utils.data.IterableDataset):
@@ -150,13 +271,20 @@ class TrainingSamples(torch.utils.data.IterableDataset):
             units = reader_units(self.shards, seed, epoch, reader, self.n_readers)
             for index in range(first_unit, len(units)):
                 unit = units[index]
-                samples = iter_samples_in_order(unit.shard, unit_order(seed, epoch, unit), offset)
+                order = unit_order(seed, epoch, unit)
+                cached = unit.shard.suffix == ".safetensors"
+                read = iter_cached_in_order if cached else iter_samples_in_order
+                samples = read(unit.shard, order, offset)
                 done = offset
                 try:
                     for sample in samples:
                         done += 1
                         n_seen += 1
-                        decoded = self.decode(unit.shard.stem, sample, epoch)
+                        decoded = (
+                            self.from_cache(unit.shard.stem, *sample, epoch)
+                            if cached
+                            else self.decode(unit.shard.stem, sample, epoch)
+                        )
                         if decoded is None:
                             skipped += 1
                             continue
@@ -186,71 +314,51 @@ class TrainingSamples(torch.utils.data.IterableDataset):
                 )
             epoch, first_unit = epoch + 1, 0
 
+    def from_cache(
+        self, shard: str, key: str, tensors: dict[str, torch.Tensor], epoch: int
+    ) -> dict[str, Any]:
+        """A cached sample (latents and embeddings instead of pixels and a caption)."""
+        rng = random.Random(f"{self.config.seed}-{epoch}-{shard}-{key}")
+        return cached_sample(key, tensors, rng, self.config)
+
     def decode(self, shard: str, sample: RawSample, epoch: int) -> dict[str, Any] | None:
         """Pixels, the caption the sample is trained on, and SDXL's size conditioning."""
         rng = random.Random(f"{self.config.seed}-{epoch}-{shard}-{sample.key}")
-        image_bytes = next(
-            (sample.members[k] for k in IMAGE_EXTENSIONS if k in sample.members), None
-        )
-        if image_bytes is None or "txt" not in sample.members:
-            logger.warning("shard %s, key %s: no image or no caption; skipped", shard, sample.key)
+        decoded = decode_sample(sample, shard, rng, self.config)
+        if decoded is None:
             return None
-        try:
-            with Image.open(io.BytesIO(image_bytes)) as image:
-                image.load()
-                pixels, original_size, crop = preprocess_image(
-                    image,
-                    self.config.resolution,
-                    rng,
-                    self.config.center_crop,
-                    self.config.random_flip and rng.random() < 0.5,
-                )
-        except Exception as exc:  # corrupt or truncated image bytes
-            logger.warning(
-                "shard %s, key %s: image does not decode (%s); skipped", shard, sample.key, exc
-            )
-            return None
-        return {
-            "key": sample.key,
-            "pixel_values": pixels,
-            "caption": self.choose_caption(sample, rng),
-            "original_size": original_size,
-            "crop_top_left": crop,
-        }
-
-    def choose_caption(self, sample: RawSample, rng: random.Random) -> str:
-        """The synthetic caption, or the alt-text (``synthetic_caption_ratio``), or empty
-        (``empty_prompt_ratio``, for classifier-free guidance)."""
-        synthetic = sample.members["txt"].decode("utf-8", errors="replace").strip()
-        original = ""
-        if "json" in sample.members:
-            with contextlib.suppress(ValueError, AttributeError):
-                meta = json.loads(sample.members["json"])
-                original = str(meta.get("original_text") or "").strip()
-        use_synthetic = rng.random() < self.config.synthetic_caption_ratio or not original
-        caption = synthetic if use_synthetic else original
-        if rng.random() < self.config.empty_prompt_ratio:
-            caption = ""
-        return caption
+        choice = choose_caption(rng, bool(decoded["original"]), self.config)
+        decoded["caption"] = "" if choice == "empty" else decoded[choice]
+        return decoded
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack pixels; keep captions, keys and SDXL size conditioning as lists; the furthest
-    position of each reader in the batch."""
+    """Stack pixels (or cached latents and embeddings); keep captions, keys and SDXL size
+    conditioning as lists; the furthest position of each reader in the batch."""
     positions: dict[int, tuple[int, int, int]] = {}
     for s in samples:
         reader, *place = s["position"]
         positions[reader] = max(positions.get(reader, (0, 0, 0)), tuple(place))
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "captions": [s["caption"] for s in samples],
+    batch: dict[str, Any] = {
         "keys": [s["key"] for s in samples],
-        "original_sizes": [s["original_size"] for s in samples],
-        "crops_top_left": [s["crop_top_left"] for s in samples],
         "positions": positions,
         "skipped": sum(s["skipped"] for s in samples),
         "shard_errors": [e for s in samples for e in s["shard_errors"]],
     }
+    if "latents_mean" in samples[0]:
+        for name in CACHE_ROWS:
+            batch[name] = torch.stack([s[name] for s in samples])
+        batch["prompt_embeds"] = torch.stack([s["prompt_embeds"] for s in samples])
+        batch["pooled_embeds"] = torch.stack([s["pooled_embeds"] for s in samples])
+        batch["captions"] = None  # their length was measured when they were encoded
+        return batch
+    batch.update(
+        pixel_values=torch.stack([s["pixel_values"] for s in samples]),
+        captions=[s["caption"] for s in samples],
+        original_sizes=[s["original_size"] for s in samples],
+        crops_top_left=[s["crop_top_left"] for s in samples],
+    )
+    return batch
 
 
 def start_positions(

@@ -14,8 +14,10 @@ work (with ``w_out == w_feat == 0`` the teacher U-Net does not run: a plain fine
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,32 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def check_teacher(spec: str) -> None:
+    """Refuse a local teacher folder that is missing or not an SDXL pipeline.
+
+    Hub ids are checked when they load (``from_pretrained`` names the problem).
+    """
+    path = Path(spec)
+    looks_local = path.is_absolute() or spec.startswith(".") or path.exists()
+    if not looks_local:
+        return
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"teacher {spec}: no model_index.json there; train.teacher must be an SDXL pipeline "
+            "folder (save_pretrained of StableDiffusionXLPipeline) or a hub id such as "
+            "stabilityai/stable-diffusion-xl-base-1.0"
+        )
+    components = json.loads(index.read_text())
+    needed = ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    missing = [c for c in needed if c not in components]
+    if missing:
+        raise ValueError(
+            f"teacher {spec} is not an SDXL pipeline ({components.get('_class_name')}, missing "
+            f"{', '.join(missing)}); KOALA distils StableDiffusionXLPipeline checkpoints"
+        )
 
 
 def add_time_ids(
@@ -67,6 +95,7 @@ class Distiller:
         resolution: int,
         weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
         gradient_checkpointing: bool = False,
+        scaling_factor: float | None = None,
     ) -> None:
         from diffusers import DDPMScheduler
 
@@ -82,6 +111,11 @@ class Distiller:
         self.resolution = resolution
         self.weights = weights
         self.noise_scheduler = DDPMScheduler.from_config(teacher.scheduler.config)
+        # The VAE's latent scale: from the VAE, or given when training from the cache (the
+        # VAE is then not loaded).
+        self.scaling_factor = (
+            scaling_factor if scaling_factor is not None else teacher.vae.config.scaling_factor
+        )
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.student = init_student_from_teacher(teacher.unet, preset).to(device)
         if gradient_checkpointing:
@@ -98,32 +132,68 @@ class Distiller:
         dtype: torch.dtype,
         revision: str | None = None,
         variant: str | None = None,
+        *,
+        unet_only: bool = False,
     ) -> Any:
-        """The SDXL teacher pipeline, frozen, on ``device`` (the VAE in fp32 when it must be)."""
+        """The SDXL teacher pipeline, frozen, on ``device`` (the VAE in fp32 when it must be).
+
+        ``unet_only`` (training from the cache) loads neither the VAE nor the text encoders
+        (their tokenizers and the scheduler are light and kept).
+        """
         from diffusers import StableDiffusionXLPipeline
 
+        skip = dict(vae=None, text_encoder=None, text_encoder_2=None) if unet_only else {}
         try:
             teacher = StableDiffusionXLPipeline.from_pretrained(
-                spec, torch_dtype=dtype, revision=revision, variant=variant, use_safetensors=True
+                spec,
+                torch_dtype=dtype,
+                revision=revision,
+                variant=variant,
+                use_safetensors=True,
+                **skip,
             )
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"teacher {spec} could not be loaded: {exc}") from exc
         teacher.set_progress_bar_config(disable=True)
-        vae_dtype = torch.float32 if teacher.vae.config.get("force_upcast", True) else dtype
-        teacher.vae.to(device, dtype=vae_dtype)
-        for module in (teacher.text_encoder, teacher.text_encoder_2, teacher.unet):
-            module.to(device)
-        for module in (teacher.vae, teacher.text_encoder, teacher.text_encoder_2, teacher.unet):
-            module.requires_grad_(False).eval()
+        modules = [teacher.unet]
+        if not unet_only:
+            vae_dtype = torch.float32 if teacher.vae.config.get("force_upcast", True) else dtype
+            teacher.vae.to(device, dtype=vae_dtype)
+            modules += [teacher.vae, teacher.text_encoder, teacher.text_encoder_2]
+        for module in modules:
+            module.to(device).requires_grad_(False).eval()
         return teacher
+
+    @staticmethod
+    def vae_scaling_factor(spec: str, revision: str | None = None) -> float:
+        """The teacher VAE's ``scaling_factor``, read from its config without loading it."""
+        from diffusers import AutoencoderKL
+
+        return float(
+            AutoencoderKL.load_config(spec, subfolder="vae", revision=revision)["scaling_factor"]
+        )
 
     @torch.no_grad()
     def encode(self, batch: dict[str, Any]) -> Conditioning:
-        """Latents of the images (teacher VAE) and embeddings of the captions (both encoders)."""
+        """Latents of the images (teacher VAE) and embeddings of the captions (both encoders),
+        or the cached ones (``recaption encode``): then the latent is drawn from the cached
+        distribution exactly as ``latent_dist.sample()`` draws it."""
+        if "latents_mean" in batch:
+            mean = batch["latents_mean"].to(self.device, torch.float32)
+            std = batch["latents_std"].to(self.device, torch.float32)
+            latents = mean + std * torch.randn(mean.shape, device=self.device, dtype=mean.dtype)
+            return Conditioning(
+                (latents * self.scaling_factor).float().contiguous(),
+                batch["prompt_embeds"].to(self.device),
+                batch["pooled_embeds"].to(self.device),
+                batch["time_ids"].to(self.device, torch.float32),
+            )
         teacher = self.teacher
         pixels = batch["pixel_values"].to(self.device, dtype=teacher.vae.dtype)
         latents = teacher.vae.encode(pixels).latent_dist.sample()
-        latents = (latents * teacher.vae.config.scaling_factor).float()
+        # Contiguous: the VAE may return channels-last latents, and randn_like would then lay
+        # the same random numbers out differently than for cached (contiguous) latents.
+        latents = (latents * self.scaling_factor).float().contiguous()
         prompt_embeds, _, pooled_embeds, _ = teacher.encode_prompt(
             batch["captions"], device=self.device, do_classifier_free_guidance=False
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -76,7 +77,9 @@ def write_shard(
                 }
             )
             keys.append(key)
-    path.with_name(f"{path.stem}_stats.json").write_text(json.dumps({"n_ok": n}))
+    # Like merge's marker, it changes whenever the shard is written again.
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.with_name(f"{path.stem}_stats.json").write_text(json.dumps({"n_ok": n, "sha": digest}))
     return keys
 
 
@@ -106,7 +109,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpointing_steps": 3,
     "num_workers": 0,
     "log_every": 1,
-    "shuffle_buffer": 16,
     "ema_decay": 0.5,
     "empty_prompt_ratio": 0.1,
     "synthetic_caption_ratio": 0.9,
