@@ -51,11 +51,13 @@ def unet_configs() -> dict[str, dict[str, Any]]:
     }
 
 
-def random_model(cls: Any, config: dict[str, Any], dtype: torch.dtype, device: str) -> Any:
+def random_model(cls: Any, config: Any, dtype: torch.dtype, device: str) -> Any:
     """A model with random weights allocated straight in ``dtype`` on ``device``."""
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        model = cls(**config) if not hasattr(cls, "config_class") else cls(config)
+        if isinstance(config, dict):  # a diffusers config
+            model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+        else:  # a transformers config object
+            model = cls(config)
     model = model.to(dtype=dtype).to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
