@@ -67,7 +67,11 @@ CryptoType=crypto/munge
 AuthInfo=cred_expire=${CRED_EXPIRE}
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# Bind every task to the cores it was given, as many production clusters do (task/affinity
+# needs no cgroup; TaskPluginParam=Cores is the binding srun applies without --cpu-bind): an
+# srun without --cpus-per-task then runs on one core, and tests/jobs see it.
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 # Every finished job (state and exit code) is appended here; tests read it.

@@ -16,7 +16,9 @@
 # owns shards [i::N] of the sorted shard list, so fewer tasks than shards is still complete.
 #
 # Every job is requeueable and stops cleanly on SIGUSR1/SIGTERM (jobs/stage_step.sh); finished
-# shards are never redone, so running this script again resumes a run.
+# shards are never redone, so running this script again resumes a run. A job whose shards fail
+# requeues itself up to RECAPTION_MAX_RETRIES times; then the config's merge.min_done_fraction
+# decides whether the chain goes on without them (see docs/SLURM.md, "Failed shards").
 #
 # Cluster specifics come from the environment (or a file of such lines named by
 # RECAPTION_CLUSTER_ENV, sourced first); nothing in jobs/ needs editing:
@@ -46,6 +48,9 @@
 #   RECAPTION_TRAIN_PROCS_PER_NODE processes per node under RECAPTION_CPU_ONLY=1 (default 1)
 #   RECAPTION_SIGNAL_LEAD          seconds before the time limit that SIGUSR1 arrives
 #                                  (default 120; train 300, to leave time for a checkpoint)
+#   RECAPTION_TRAIN_SHUTDOWN_TIMEOUT  seconds the training launchers wait for a stopping
+#                                  process before SIGKILL (default: the train signal lead)
+#   RECAPTION_MAX_RETRIES          requeues of a job whose shards failed (default 2)
 #   RECAPTION_JOB_PREFIX           job name prefix (default "recaption")
 #   RECAPTION_PYTHON               the Python that has recaption installed (default: python3)
 #
@@ -119,7 +124,7 @@ if ! "$RECAPTION_PYTHON" -c 'import recaption' 2>/dev/null; then
 fi
 
 # Validate the config here, before anything is queued, and read what sizing needs.
-read -r run_dir download_processes < <(
+read -r run_dir download_processes train_batch train_accum train_global < <(
     "$RECAPTION_PYTHON" - "$config" "${overrides[@]}" <<'PY' || echo "ERROR"
 import sys
 from recaption.config import ConfigError, load_config
@@ -128,7 +133,11 @@ try:
 except ConfigError as exc:
     sys.stderr.write(f"{exc}\n")
     sys.exit(2)
-print(c.run_dir.resolve(), c.download.processes)
+t = c.train
+print(
+    c.run_dir.resolve(), c.download.processes, t.batch_size, t.gradient_accumulation_steps,
+    t.global_batch_size or 0,
+)
 PY
 )
 [[ "$run_dir" != ERROR && -n "$run_dir" ]] || die "$config: invalid config (see above)"
@@ -136,6 +145,8 @@ PY
 slurm_dir="$run_dir/slurm"
 log_dir="$slurm_dir/logs"
 mkdir -p "$log_dir"
+# Read by jobs/stage_step.sh: where it counts each job's retries.
+export RECAPTION_SLURM_DIR="$slurm_dir"
 
 # --- cluster settings -----------------------------------------------------------------------
 upper() { tr '[:lower:]' '[:upper:]' <<<"$1"; }
@@ -163,6 +174,28 @@ if [[ -n "${RECAPTION_MAX_ARRAY_TASKS:-}" ]] && ((RECAPTION_MAX_ARRAY_TASKS < ma
 fi
 
 is_gpu_stage() { [[ "$1" == caption || "$1" == train || "$1" == sample ]]; }
+
+# "NODES PROCESSES_PER_NODE" of the training job.
+train_layout() {
+    local per_node="${RECAPTION_TRAIN_GPUS_PER_NODE:-$gpus_per_node}"
+    [[ "$cpu_only" == 1 ]] && per_node="${RECAPTION_TRAIN_PROCS_PER_NODE:-1}"
+    echo "${RECAPTION_TRAIN_NODES:-1} $per_node"
+}
+
+# Refuse a training job whose global batch differs from train.global_batch_size (the recipe's).
+check_global_batch() {
+    ((train_global > 0)) || return 0
+    local nodes per_node global
+    read -r nodes per_node < <(train_layout)
+    global=$((train_batch * nodes * per_node * train_accum))
+    ((global == train_global)) && return 0
+    die "train.global_batch_size is $train_global in $config, but this job would train with" \
+        "$global = train.batch_size $train_batch x $nodes node(s) (RECAPTION_TRAIN_NODES) x" \
+        "$per_node process(es) per node x train.gradient_accumulation_steps $train_accum." \
+        "Change train.batch_size or train.gradient_accumulation_steps (KEY=VALUE after the" \
+        "config) or the node count so that the product is $train_global; see docs/GUIDE.md," \
+        "'Training recipe', for how the learning rate goes with the batch"
+}
 
 # sbatch options for one stage (into the global array `opts`).
 stage_options() {
@@ -212,10 +245,10 @@ stage_options() {
     fi
     opts+=(--cpus-per-task="$(setting "$stage" CPUS "$cpus")")
     if [[ "$stage" == train ]]; then
-        local nodes="${RECAPTION_TRAIN_NODES:-1}" per_node="$gpus"
-        [[ "$cpu_only" == 1 ]] && per_node="${RECAPTION_TRAIN_PROCS_PER_NODE:-1}"
+        local nodes per_node
+        read -r nodes per_node < <(train_layout)
         opts+=(--nodes="$nodes" --ntasks-per-node=1
-            --export="ALL,RECAPTION_TRAIN_PROCS_PER_NODE=$per_node")
+            --export="ALL,RECAPTION_TRAIN_PROCS_PER_NODE=$per_node,RECAPTION_SIGNAL_LEAD_S=${RECAPTION_SIGNAL_LEAD:-$lead_default}")
     fi
     if [[ -n "${RECAPTION_SBATCH_ARGS:-}" ]]; then
         read -ra extra <<<"$RECAPTION_SBATCH_ARGS"
@@ -275,6 +308,8 @@ submit() {
 }
 
 # --- the chain ------------------------------------------------------------------------------
+train_index=$(stage_index train)
+((first <= train_index && train_index <= last)) && check_global_batch
 previous="$after"
 if [[ "${STAGES[$first]}" == download ]]; then
     previous="$(submit download "$previous" "" "$config" "${overrides[@]}")"

@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="ORG/NAME of the dataset repo")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
+    p.add_argument(
+        "--with-images",
+        action="store_true",
+        help="also upload dataset/webdataset/*.tar (third-party images); default: metadata only",
+    )
     return parser
 
 
@@ -203,7 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "publish":
             from recaption.publish import publish_dataset
 
-            publish_dataset(config, args.repo_id, private=args.private, dry_run=args.dry_run)
+            publish_dataset(
+                config,
+                args.repo_id,
+                private=args.private,
+                dry_run=args.dry_run,
+                include_images=args.with_images,
+            )
             return EXIT_OK
     except Exception as exc:
         from recaption.driver import disk_full, disk_full_message, is_startup_error

@@ -2,11 +2,17 @@
 
 The rules run in order and each counts the rows it removed, so a run can say how many rows
 every rule cost. Thresholds come from the ``download`` config section.
+
+``download.blocklist`` names text files of URLs and metadata hashes (one a line); rows whose
+URL or ``download.hash_col`` value is listed are removed before anything else is looked at, and
+counted as ``blocklist``. It matches the metadata only (URL and the metadata's own hash
+column), not the bytes of images.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +39,80 @@ class PrefilterReport:
     input_rows: int = 0
     removed: dict[str, int] = field(default_factory=dict)
     kept: int = 0
+
+
+# A blocklist is a short list of known-bad links; this bounds what reading one may cost.
+MAX_BLOCKLIST_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Blocklist:
+    """URLs and metadata hashes to drop, read from the ``download.blocklist`` files."""
+
+    urls: frozenset[str] = frozenset()
+    hashes: frozenset[str] = frozenset()
+    files: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.urls or self.hashes)
+
+    def digest(self) -> str:
+        """A digest of the entries (not of the file names): what decides the download."""
+        h = hashlib.sha256()
+        for kind, entries in (("url", self.urls), ("hash", self.hashes)):
+            for entry in sorted(entries):
+                h.update(f"{kind}\t{entry}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def load_blocklist(specs: list[str]) -> Blocklist:
+    """Read every blocklist file: one entry a line, ``#`` starts a comment.
+
+    An entry with ``://`` is a URL (matched exactly against ``download.url_col``); any other
+    entry is a hash, matched against ``download.hash_col`` written as text (LAION's ``hash``
+    column holds integers: list them in decimal). Raises :class:`MetadataError` naming the
+    file and the config key for a file that is missing, unreadable or not text. A line whose
+    first character (after blanks) is ``#`` is a comment; there are no comments after an entry
+    (URLs may hold ``#``).
+    """
+    urls: set[str] = set()
+    hashes: set[str] = set()
+    for spec in specs:
+        path = Path(spec)
+        try:
+            size = path.stat().st_size
+            if size > MAX_BLOCKLIST_BYTES:
+                raise MetadataError(
+                    f"{path}: blocklist file of {size / 1e9:.1f} GB (download.blocklist); a "
+                    f"blocklist holds at most {MAX_BLOCKLIST_BYTES >> 20} MiB of URLs or hashes"
+                )
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise MetadataError(
+                f"{path}: blocklist file not found (download.blocklist); list existing text "
+                "files of URLs or hashes, one a line"
+            ) from None
+        except IsADirectoryError:
+            raise MetadataError(
+                f"{path}: is a folder (download.blocklist); list the blocklist files themselves"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise MetadataError(
+                f"{path}: not UTF-8 text (byte {exc.start}) (download.blocklist); a blocklist "
+                "is a text file of URLs or hashes, one a line"
+            ) from None
+        except OSError as exc:
+            raise MetadataError(
+                f"{path}: cannot read the blocklist (download.blocklist): {exc.strerror or exc}"
+            ) from None
+        n_before = len(urls) + len(hashes)
+        for line in text.splitlines():
+            entry = line.strip()  # a URL may hold '#': only whole lines are comments
+            if not entry or entry.startswith("#"):
+                continue
+            (urls if "://" in entry else hashes).add(entry)
+        logger.info("blocklist %s: %d new entr(ies)", path, len(urls) + len(hashes) - n_before)
+    return Blocklist(frozenset(urls), frozenset(hashes), tuple(specs))
 
 
 def expand_metadata_paths(specs: list[str]) -> list[Path]:
@@ -161,6 +241,8 @@ def host_kind_masks(urls: pa.ChunkedArray) -> dict[str, pa.ChunkedArray]:
 # What each rule's count means and the config key that controls it (for messages).
 RULE_KEYS: dict[str, str] = {
     "url_missing": "rows without a URL: check download.url_col",
+    "blocklist": "rows whose URL or hash is listed in download.blocklist "
+    "(column download.url_col / download.hash_col)",
     "url_scheme": "URLs that are not http(s): check download.url_col",
     "loopback_host": "URLs whose host is this machine (127.0.0.0/8, ::1, localhost): "
     "download.allow_loopback",
@@ -187,14 +269,29 @@ def no_rows_left_message(report: PrefilterReport) -> str:
     )
 
 
-def prefilter(table: pa.Table, cfg: DownloadConfig) -> tuple[pa.Table, PrefilterReport]:
+def blocklist_keep_mask(table: pa.Table, cfg: DownloadConfig, blocklist: Blocklist) -> pa.Array:
+    """True for rows whose URL and hash are both absent from ``blocklist``."""
+    listed = pc.is_in(table[cfg.url_col], value_set=pa.array(sorted(blocklist.urls), pa.string()))
+    listed = pc.fill_null(listed, False)
+    if blocklist.hashes:
+        hashes = pc.cast(table[cfg.hash_col], pa.string())
+        hit = pc.is_in(hashes, value_set=pa.array(sorted(blocklist.hashes), pa.string()))
+        listed = pc.or_(listed, pc.fill_null(hit, False))
+    return pc.invert(listed)
+
+
+def prefilter(
+    table: pa.Table, cfg: DownloadConfig, blocklist: Blocklist | None = None
+) -> tuple[pa.Table, PrefilterReport]:
     """Apply the download pre-filter rules in order; count what each removed.
 
+    ``blocklist`` (from :func:`load_blocklist`) is applied first, after rows without a URL.
     Raises :class:`MetadataError` naming the rules (and their config keys) that removed the
     rows when none is left.
     """
     report = PrefilterReport(input_rows=table.num_rows)
     url = cfg.url_col
+    listed = blocklist if blocklist else None
 
     def host_rule(kind: str) -> Callable[[pa.Table], pa.ChunkedArray]:
         return lambda t: pc.invert(host_kind_masks(t[url])[kind])
@@ -202,6 +299,11 @@ def prefilter(table: pa.Table, cfg: DownloadConfig) -> tuple[pa.Table, Prefilter
     # (rule, config key of the column it reads, keep-mask or None when the rule is off)
     rules: list[tuple[str, str, Callable[[pa.Table], pa.ChunkedArray] | None]] = [
         ("url_missing", "url_col", lambda t: pc.invert(pc.is_null(t[url]))),
+        (
+            "blocklist",
+            "hash_col" if listed is not None and listed.hashes else "url_col",
+            None if listed is None else lambda t: blocklist_keep_mask(t, cfg, listed),
+        ),
         (
             "url_scheme",
             "url_col",
@@ -272,9 +374,11 @@ def prefilter(table: pa.Table, cfg: DownloadConfig) -> tuple[pa.Table, Prefilter
     return table, report
 
 
-def required_columns(cfg: DownloadConfig) -> dict[str, str]:
+def required_columns(cfg: DownloadConfig, blocklist: Blocklist | None = None) -> dict[str, str]:
     """Columns the enabled rules need, mapped to the config key that names each."""
     required = {cfg.url_col: "url_col", cfg.caption_col: "caption_col"}
+    if blocklist is not None and blocklist.hashes:
+        required[cfg.hash_col] = "hash_col"
     if cfg.min_aesthetic_score is not None:
         required[cfg.aesthetic_col] = "aesthetic_col"
     if cfg.min_width:

@@ -10,10 +10,19 @@ has a ``..`` component or resolves (through symlinks) outside the folder is a pr
 ``verify_dataset``, which does not read it, and ``publish_dataset`` refuses it before anything
 is uploaded (:func:`unsafe_entry`).
 
+What is published: by default the metadata only: ``parquet/`` (URLs, alt-texts, synthetic
+captions, scores), the card, ``stats.json``, the report and the manifest. The images
+(``webdataset/*.tar``, copies of third-party images, terabytes for LAION-aesthetics) are
+uploaded only with ``include_images=True`` (``recaption publish --with-images``). Parquet files
+that embed the images (``merge.embed_images_in_parquet``) are images too: a metadata-only
+publish refuses them. The uploaded ``MANIFEST.sha256`` still lists every file of
+``dataset/``; the card says to check a metadata-only copy with ``sha256sum -c
+--ignore-missing``.
+
 ``publish_dataset`` uploads with huggingface_hub's ``upload_large_folder`` (resumable, many
 files, commits in chunks); from huggingface_hub 2 on, that function is gone and
 ``upload_folder`` does the same (batched commits, resumes when rerun), so that is used there.
-The token comes from ``HF_TOKEN`` or ``huggingface-cli login`` and is never printed or logged.
+The token comes from ``HF_TOKEN`` or ``hf auth login`` and is never printed or logged.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from recaption.ledger import LEDGER_DIR, STATS_SUFFIX, TMP_TAG, atomic_path
 logger = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.sha256"
+# The images: uploaded only when asked for (include_images / --with-images).
+IMAGE_PATTERNS = ("webdataset/*",)
 # Paths under dataset/ that are bookkeeping, not data (relative, fnmatch patterns).
 IGNORED = (
     f"webdataset/*{STATS_SUFFIX}",
@@ -217,8 +228,38 @@ def _files_to_upload(dataset_dir: Path) -> list[str]:
     return files
 
 
+def is_image_file(rel: str) -> bool:
+    """True for a path under ``dataset/`` that holds images (``webdataset/*.tar``)."""
+    return any(fnmatch.fnmatch(rel, pattern) for pattern in IMAGE_PATTERNS)
+
+
+def select_files(config: RunConfig, files: list[str], *, include_images: bool) -> list[str]:
+    """The files to upload: ``files`` without the images unless ``include_images``.
+
+    Raises ``RuntimeError`` when a metadata-only publish would still carry images (parquet
+    files with the image bytes, ``merge.embed_images_in_parquet``).
+    """
+    if include_images:
+        return files
+    if config.merge.embed_images_in_parquet:
+        raise RuntimeError(
+            f"{config.dataset_dir / 'parquet'}: the parquet files embed the images "
+            f"(merge.embed_images_in_parquet: true in {config.source}), so publishing the "
+            "metadata would re-host the images too. Publish with --with-images if you may "
+            "redistribute them (see docs/GUIDE.md, 'Publish'), or set "
+            "merge.embed_images_in_parquet: false and rerun `recaption merge --overwrite`"
+        )
+    return [rel for rel in files if not is_image_file(rel)]
+
+
 def _log_dry_run(
-    dataset_dir: Path, repo_id: str, files: list[str], total: int, *, private: bool
+    dataset_dir: Path,
+    repo_id: str,
+    files: list[str],
+    total: int,
+    *,
+    private: bool,
+    left_out: list[str],
 ) -> None:
     """Log what an upload would send (each file with its size) and the dataset card."""
     logger.info(
@@ -231,6 +272,15 @@ def _log_dry_run(
     )
     for rel in files:
         logger.info("  %10d  %s", (dataset_dir / rel).stat().st_size, rel)
+    if left_out:
+        logger.info(
+            "not uploaded: %d image file(s), %.1f GB (webdataset/); add --with-images to "
+            "publish the images as well:",
+            len(left_out),
+            sum((dataset_dir / rel).stat().st_size for rel in left_out) / 1e9,
+        )
+        for rel in left_out:
+            logger.info("  (not uploaded) %10d  %s", (dataset_dir / rel).stat().st_size, rel)
     card = dataset_dir / "README.md"
     logger.info("dataset card (%s):\n%s", card, card.read_text(encoding="utf-8"))
 
@@ -264,28 +314,42 @@ def _upload(dataset_dir: Path, repo_id: str, files: list[str], *, private: bool)
         # Messages from the hub library never include the token; keep only the first line.
         raise RuntimeError(
             f"upload of {dataset_dir} to {repo_id} failed: {str(exc).splitlines()[0]}. "
-            "Check the network, `huggingface-cli login` (or HF_TOKEN) and write access, then "
+            "Check the network, `hf auth login` (or HF_TOKEN) and write access, then "
             "rerun: the upload resumes where it stopped"
         ) from exc
 
 
 def publish_dataset(
-    config: RunConfig, repo_id: str, *, private: bool = False, dry_run: bool = False
+    config: RunConfig,
+    repo_id: str,
+    *,
+    private: bool = False,
+    dry_run: bool = False,
+    include_images: bool = False,
 ) -> None:
     """Upload ``dataset/`` to the Hub dataset repo ``repo_id`` (after verifying it).
 
-    ``dry_run`` logs the file list (with sizes) and the dataset card instead of uploading.
-    Raises ``RuntimeError`` when the dataset does not verify or the upload fails.
+    The metadata only unless ``include_images`` (see the module docstring). ``dry_run`` logs
+    the file list (with sizes), what is left out and the dataset card instead of uploading.
+    Raises ``RuntimeError`` when the dataset does not verify, when a metadata-only publish
+    would carry images, or when the upload fails.
     """
     _check_repo_id(repo_id)
     dataset_dir = config.dataset_dir
     # Manifest entries outside the dataset are refused first, by name, before anything else.
     _refuse_entries_outside(dataset_dir)
     _refuse_unverified(config)
-    files = _files_to_upload(dataset_dir)
+    verified = _files_to_upload(dataset_dir)
+    files = select_files(config, verified, include_images=include_images)
+    left_out = [rel for rel in verified if rel not in set(files)]
     total = sum((dataset_dir / f).stat().st_size for f in files)
     if dry_run:
-        _log_dry_run(dataset_dir, repo_id, files, total, private=private)
+        _log_dry_run(dataset_dir, repo_id, files, total, private=private, left_out=left_out)
         return
     _upload(dataset_dir, repo_id, files, private=private)
-    logger.info("published %d file(s) to https://huggingface.co/datasets/%s", len(files), repo_id)
+    logger.info(
+        "published %d file(s) to https://huggingface.co/datasets/%s (%s)",
+        len(files),
+        repo_id,
+        "metadata and images" if include_images else "metadata only, no images",
+    )

@@ -1,16 +1,20 @@
 """Download stage: pre-filter LAION-style metadata, then let img2dataset fetch the images.
 
 1. Read the metadata parquet files (``download.metadata``; the demo generates its own).
-2. Pre-filter with pyarrow (aesthetic score, size, punsafe, pwatermark, URL scheme, private
-   hosts) and record how many rows each rule removed.
+2. Pre-filter with pyarrow (the ``download.blocklist`` of URLs and hashes, aesthetic score,
+   size, punsafe, pwatermark, URL scheme, private hosts) and record how many rows each rule
+   removed.
 3. Call img2dataset's Python API to write webdataset shards, per-shard parquet and
    ``_stats.json`` into ``run_dir/images/``. img2dataset's incremental mode is the resume
    mechanism: a shard without its ``_stats.json`` is downloaded again from scratch.
 4. Report the success rate and the most common failure reasons; warn below a bound.
 
-Download is not split by ``--rank``: img2dataset's own distributors scale it out
-(``multiprocessing`` on one node, ``pyspark`` or ``ray`` across nodes), so under a job array
-only rank 0 downloads.
+Download is not split by ``--rank``: img2dataset's own distributors scale it out, so under a
+job array only rank 0 downloads. ``multiprocessing`` uses this node. ``pyspark`` uses the active
+Spark session; img2dataset creates a local one (``local[download.processes]``, this node only)
+when there is none, so for several nodes ``download.spark_master`` names a running Spark
+cluster and this stage connects to it first. ``ray`` uses the Ray cluster this process is
+connected to (``RAY_ADDRESS``), else a local one.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ from recaption.ledger import (
     write_json_atomic,
 )
 from recaption.metadata import (
+    Blocklist,
     MetadataError,
     expand_metadata_paths,
+    load_blocklist,
     prefilter,
     read_metadata,
     required_columns,
@@ -56,12 +62,38 @@ REPORT_FILE = "download_report.json"
 SHARD_DIGITS = 5
 
 
-def stage_config(config: RunConfig) -> dict[str, Any]:
-    """What decides the download's outputs: the section, and the demo world when it is used."""
+def stage_config(config: RunConfig, blocklist: Blocklist | None = None) -> dict[str, Any]:
+    """What decides the download's outputs: the section, the blocklist's entries (not only
+    its file names) and the demo world when it is used."""
     data: dict[str, Any] = {"download": config.download.fingerprint_dict()}
+    if blocklist:
+        data["blocklist"] = {
+            "digest": blocklist.digest(),
+            "urls": len(blocklist.urls),
+            "hashes": len(blocklist.hashes),
+        }
     if config.demo.enabled:
         data["demo"] = {"n_images": config.demo.n_images, "seed": config.demo.seed}
     return data
+
+
+def connect_spark(master: str) -> None:
+    """Create the Spark session img2dataset's pyspark distributor will find (``spark_master``).
+
+    img2dataset uses the active session when there is one; without it, it starts a local
+    session on this node. Raises ``RuntimeError`` naming the config keys when pyspark is
+    missing.
+    """
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise RuntimeError(
+            f"download.spark_master is {master!r} but pyspark is not installed: pip install "
+            "pyspark (the version of the cluster's Spark) or use download.distributor: "
+            "multiprocessing"
+        ) from None
+    logger.info("download: connecting to the Spark cluster at %s", master)
+    SparkSession.builder.master(master).appName("recaption-download").getOrCreate()
 
 
 def metadata_paths(config: RunConfig) -> list[Path]:
@@ -195,17 +227,27 @@ class DownloadStage(ShardedStage):
     output_suffixes = (".tar",)
     batch_engine = True  # img2dataset downloads every pending shard in one call
     main_rank_only = True  # img2dataset's distributors scale it, not ranks
+    blocklist: Blocklist | None = None  # read by check()
 
     def stage_config(self) -> dict[str, Any]:
-        return stage_config(self.config)
+        return stage_config(self.config, self.blocklist)
 
     def check(self) -> None:
         cfg = self.config.download
+        self.blocklist = load_blocklist(cfg.blocklist)
         paths = metadata_paths(self.config)
-        required = required_columns(cfg)
+        required = required_columns(cfg, self.blocklist)
         wanted = list(dict.fromkeys([*required, *cfg.save_additional_columns]))
         table = read_metadata(paths, wanted, required)
-        self.table, self.report = prefilter(table, cfg)
+        self.table, self.report = prefilter(table, cfg, self.blocklist)
+        if self.blocklist:
+            logger.info(
+                "download: blocklist (%d URL(s), %d hash(es) from %s) removed %d row(s)",
+                len(self.blocklist.urls),
+                len(self.blocklist.hashes),
+                ", ".join(self.blocklist.files),
+                self.report.removed.get("blocklist", 0),
+            )
         logger.info(
             "download: pre-filter kept %d of %d rows; removed by rule: %s",
             self.report.kept,
@@ -233,6 +275,8 @@ class DownloadStage(ShardedStage):
         input_path = self.output_dir / LEDGER_DIR / INPUT_FILE
         with url_base(self.config) as base:
             write_input(self.table, input_path, self.config.download.url_col, base)
+            if self.config.download.spark_master is not None:
+                connect_spark(self.config.download.spark_master)
             run_img2dataset(self.config, input_path)
 
     def close(self, summary: StageSummary) -> None:

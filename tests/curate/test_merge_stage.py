@@ -270,7 +270,7 @@ def test_publish_uploads_exactly_the_manifest_files(run_inputs, monkeypatch):
             calls.append(("upload_folder", kw["repo_id"], kw))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
-    publish_dataset(config, "org/name", private=True)
+    publish_dataset(config, "org/name", private=True, include_images=True)
     (create, repo, create_kw), (upload, _, upload_kw) = calls
     assert (create, repo, create_kw["repo_type"], create_kw["private"]) == (
         "create_repo",

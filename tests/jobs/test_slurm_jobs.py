@@ -563,3 +563,285 @@ def test_bad_config_is_refused_before_anything_is_queued(work: Path, cluster: Cl
     assert "batch_sise" in result.stderr and "batch_size" in result.stderr
     assert not (run_dir / "slurm" / "jobs.tsv").exists()
     assert not queued("rct-bad")
+
+
+# -- real-run readiness: failed shards, CPUs per task, a checkpoint that takes long -----------
+@pytest.fixture(scope="module")
+def merged(work: Path, models_dir: Path) -> Path:
+    """The demo run, downloaded, captioned, filtered and merged locally (no cluster)."""
+    run_dir = work / "merged"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recaption",
+            "run",
+            str(DEMO_CONFIG),
+            f"run_dir={run_dir}",
+            *DEMO_OVERRIDES,
+            f"demo.models_dir={models_dir}",
+            "--to",
+            "merge",
+        ],
+        cwd=REPO,
+        env=_env("rct-merged"),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return run_dir
+
+
+def _job_log(run_dir: Path, stage: str, task: str | None = None) -> str:
+    """Every log of the run's ``stage`` jobs (or of one array task ``"_1"``), concatenated."""
+    job_ids = [job_id for name, job_id in recorded_jobs(run_dir) if name == stage]
+    texts = []
+    for job_id in job_ids:
+        pattern = f"*-{job_id}{task or ''}.log" if task else f"*-{job_id}*.log"
+        texts += [
+            p.read_text(errors="replace")
+            for p in sorted((run_dir / "slurm" / "logs").glob(pattern))
+        ]
+    return "\n".join(texts)
+
+
+def _wait_until_settled(prefix: str, timeout: float = RUN_TIMEOUT_S) -> list[dict[str, str]]:
+    """Wait until no job of the run runs; cancel and return those that can never run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = queued(prefix)
+        if all(j["reason"] == "DependencyNeverSatisfied" for j in jobs):
+            if jobs:
+                subprocess.run(["scancel", *[j["id"].split("_")[0] for j in jobs]], check=False)
+            return jobs
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", *[j["id"].split("_")[0] for j in jobs]], check=False)
+            pytest.fail(f"jobs still queued after {timeout:.0f}s: {jobs}")
+        time.sleep(1)
+
+
+def _truncate_inside_a_member(tar: Path) -> None:
+    """Cut ``tar`` in the middle of its data, as a download killed mid-write leaves it."""
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2 + 100])
+
+
+@dataclass
+class FailedShardRun:
+    """A chain caption → merge over four image shards, one of them a truncated tar."""
+
+    run_dir: Path
+    prefix: str
+    overrides: list[str]
+
+
+@pytest.fixture(scope="module")
+def failed_shard_run(cluster: Cluster, merged: Path, work: Path) -> FailedShardRun:
+    run_dir = work / "truncated"
+    shutil.copytree(merged / "images", run_dir / "images")
+    _truncate_inside_a_member(run_dir / "images" / "00003.tar")
+    prefix = f"rct-{uuid.uuid4().hex[:6]}-trunc"
+    overrides = [*DEMO_OVERRIDES, f"demo.models_dir={work / 'models'}"]
+    submitted = submit(
+        run_dir,
+        [*overrides, "merge.min_done_fraction=0.7"],
+        "--from",
+        "caption",
+        "--to",
+        "merge",
+        prefix=prefix,
+        RECAPTION_MAX_RETRIES="1",
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    stuck = _wait_until_settled(prefix)
+    assert not stuck, f"the chain stopped: {stuck}\n{logs_tail(run_dir)}"
+    return FailedShardRun(run_dir, prefix, overrides)
+
+
+def test_a_failed_shard_is_retried_then_left_out_and_the_chain_goes_on(
+    cluster: Cluster, failed_shard_run: FailedShardRun
+) -> None:
+    run_dir = failed_shard_run.run_dir
+    # Every job ends COMPLETED: the caption task that kept failing gave its shard up (exit 0).
+    assert_all_completed(cluster, run_dir)
+    # Task 1 owns shards 00001 and 00003: it failed 00003, requeued itself once, failed it
+    # again and gave it up.
+    caption_log = _job_log(run_dir, "caption", "_1")
+    assert "retry 1 of 1 after failed shard(s)" in caption_log, caption_log[-3000:]
+    assert "restart 1" in caption_log
+    assert "giving up on caption shard(s) 00003" in caption_log
+    assert "retry 2 of" not in caption_log
+    # The next stage says what it goes on without; filter and merge cover the other shards.
+    assert "going on without 1 caption shard(s) that failed (00003)" in _job_log(run_dir, "filter")
+    assert _shards(run_dir / "filtered", "_stats.json") == [f"{i:05d}_stats.json" for i in range(3)]
+    assert _shards(run_dir / "dataset" / "webdataset", ".tar") == [f"{i:05d}.tar" for i in range(3)]
+    # `recaption status` and the dataset card list the shard left out.
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recaption",
+            "status",
+            str(DEMO_CONFIG),
+            f"run_dir={run_dir}",
+            *failed_shard_run.overrides,
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    report = json.loads(status.stdout)
+    assert list(report["stages"]["caption"]["failed"]) == ["00003"]
+    card = (run_dir / "dataset" / "README.md").read_text()
+    assert "00003" in card.split("Failed shards (left out):", 1)[1].splitlines()[0]
+
+
+def test_too_few_shards_through_stop_the_chain_with_a_message(
+    cluster: Cluster, failed_shard_run: FailedShardRun, work: Path
+) -> None:
+    # The same run state (caption 00003 failed for good), now asking for 90% of the shards.
+    run_dir = work / "truncated-strict"
+    shutil.copytree(failed_shard_run.run_dir / "images", run_dir / "images")
+    shutil.copytree(failed_shard_run.run_dir / "captions", run_dir / "captions")
+    prefix = f"{failed_shard_run.prefix}-strict"
+    submitted = submit(
+        run_dir,
+        [*failed_shard_run.overrides, "merge.min_done_fraction=0.9"],
+        "--from",
+        "filter",
+        "--to",
+        "merge",
+        prefix=prefix,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    stuck = _wait_until_settled(prefix)
+    # The filter tasks refused to start (exit 2), so merge can never run.
+    assert [j["name"] for j in stuck] == [f"{prefix}-merge"], stuck
+    filter_log = _job_log(run_dir, "filter")
+    assert (
+        "filter: refusing to start: caption brought 3 of the run's 4 shard(s) through (75.0%), "
+        "below merge.min_done_fraction = 0.9" in filter_log
+    ), filter_log[-3000:]
+    assert "Shards left out by caption: 00003" in filter_log
+    filter_job = dict(recorded_jobs(run_dir))["filter"]
+    records = finished_jobs(cluster, {filter_job})
+    assert records and all(r["ExitCode"] == "2:0" for r in records.values()), records
+    assert not (run_dir / "filtered").exists() or not _shards(run_dir / "filtered", "_stats.json")
+
+
+# A checkpoint that takes longer than torch.distributed.run's 30 s default shutdown timeout.
+SLOW_SAVE_S = 45
+SLOW_SAVE_HOOK = '''\
+"""Test hook: make Accelerator.save_state sleep first, in the first run of a job only.
+
+Put on PYTHONPATH by tests/jobs; RECAPTION_TEST_SLOW_SAVE_S seconds. Chains to any other
+sitecustomize on sys.path.
+"""
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import time
+
+_here = os.path.dirname(os.path.abspath(__file__))
+for _entry in sys.path:
+    if os.path.abspath(_entry or ".") == _here:
+        continue
+    _spec = importlib.machinery.PathFinder.find_spec("sitecustomize", [_entry])
+    if _spec is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(_module)
+        break
+
+_delay = float(os.environ.get("RECAPTION_TEST_SLOW_SAVE_S", "0") or 0)
+
+
+class _SlowSave(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "accelerate.accelerator":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            original = module.Accelerator.save_state
+
+            def save_state(self, *args, **kwargs):
+                print(f"slow save: sleeping {_delay:g} s", file=sys.stderr, flush=True)
+                time.sleep(_delay)
+                return original(self, *args, **kwargs)
+
+            module.Accelerator.save_state = save_state
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if _delay and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+    sys.meta_path.insert(0, _SlowSave())
+'''
+
+
+def test_train_stop_gives_a_slow_checkpoint_its_time_on_every_cpu(
+    cluster: Cluster, merged: Path, work: Path
+) -> None:
+    """The time-limit signal reaches the training processes, which save a checkpoint that
+    takes longer than the launcher's 30 s default; the requeued job resumes from it. Each
+    launcher task runs on the job's two CPUs (the cluster binds tasks to cores)."""
+    run_dir = work / "slow-save"
+    shutil.copytree(merged, run_dir, ignore=shutil.ignore_patterns("koala", "samples", "slurm"))
+    hook = work / "slow-save-hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_SAVE_HOOK)
+    prefix = f"rct-{uuid.uuid4().hex[:6]}-slowsave"
+    max_steps = 40
+    submitted = submit(
+        run_dir,
+        [
+            *DEMO_OVERRIDES,
+            f"demo.models_dir={work / 'models'}",
+            f"train.max_steps={max_steps}",
+            "train.log_every=1",
+            "train.checkpointing_steps=1000",
+        ],
+        "--from",
+        "train",
+        "--to",
+        "train",
+        prefix=prefix,
+        RECAPTION_TRAIN_PROCS_PER_NODE="2",
+        RECAPTION_TRAIN_CPUS="2",
+        RECAPTION_TEST_SLOW_SAVE_S=str(SLOW_SAVE_S),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    train_log = run_dir / "koala" / "train_log.jsonl"
+    _wait_for(
+        lambda: train_log.exists() and train_log.read_text().strip(),
+        RUN_TIMEOUT_S,
+        "the first training step",
+        run_dir,
+    )
+    job = dict(recorded_jobs(run_dir))["train"]
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    wait_for_queue(prefix, run_dir, timeout=RUN_TIMEOUT_S + SLOW_SAVE_S)
+    log = _job_log(run_dir, "train")
+    first, _, resumed = log.partition("restart 1")
+    assert "got SIGUSR1" in first and f"requeueing {job}" in first, log[-4000:]
+    assert f"slow save: sleeping {SLOW_SAVE_S}" in first, log[-4000:]
+    # The launcher waited for the save instead of killing the processes after 30 s.
+    assert "launcher shutdown timeout 300s" in first
+    assert "forcefully exiting via" not in first, first[-4000:]
+    assert re.search(r"resuming from checkpoint-0*[1-9]\d* at step [1-9]", resumed), resumed[-4000:]
+    state = json.loads((run_dir / "koala" / "train_state.json").read_text())
+    assert (state["status"], state["step"]) == ("finished", max_steps)
+    assert finished_jobs(cluster, {job})[job]["JobState"] == "COMPLETED"
+    # The node's launcher task ran on both CPUs of the job, not on one bound core.
+    assert "task on" in log and "2 CPU(s) usable" in log, log[-4000:]
+    assert "1 CPU(s) usable" not in log
