@@ -28,11 +28,19 @@ from recaption.config import STAGE_NAMES, ConfigError, RunConfig, load_config
 from recaption.ledger import STATS_SUFFIX, ShardLedger, list_shards, output_problem
 
 SHARDED_STAGES = ("download", "caption", "filter", "merge")
+# Shown after them when the run uses it (train.cache); not part of the SLURM chain's gates.
+OPTIONAL_STAGES = ("encode",)
 # Shards finished this recently measure the current throughput (a run's pace changes: the
 # array throttle, preemption, a second wave of tasks).
 RECENT_WINDOW_S = 3600.0
 # The output a done shard must still have, per stage (checked like the stages check it).
-OUTPUT_SUFFIX = {"download": ".tar", "caption": ".parquet", "filter": ".parquet", "merge": ".tar"}
+OUTPUT_SUFFIX = {
+    "download": ".tar",
+    "caption": ".parquet",
+    "filter": ".parquet",
+    "merge": ".tar",
+    "encode": ".safetensors",
+}
 
 
 class UnreadableMarkerError(ValueError):
@@ -72,11 +80,16 @@ def _sample_counts(stats: dict[str, Any]) -> tuple[int, int]:
         raise UnreadableMarkerError(f"sample counts are not numbers ({exc})") from exc
 
 
+def _shown_stages(config: RunConfig) -> tuple[str, ...]:
+    """The sharded stages of this run, in order (``encode`` only with ``train.cache``)."""
+    return SHARDED_STAGES + (OPTIONAL_STAGES if config.train.cache else ())
+
+
 def collect_status(config: RunConfig) -> dict[str, Any]:
     """A JSON-able report of every stage's progress, read from the ledgers on disk."""
     report: dict[str, Any] = {"run_dir": str(config.run_dir), "stages": {}}
     upstream: list[str] | None = None
-    for stage in SHARDED_STAGES:
+    for stage in _shown_stages(config):
         folder = config.stage_dir(stage)
         # The ledger's own reading of its failure records (in ``_ledger/``), errors included.
         failures = ShardLedger(stage, folder, {}).failed_shards()
@@ -189,7 +202,7 @@ def format_status(report: dict[str, Any]) -> str:
         f"{'stage':<10}{'done':>6}{'failed':>8}{'pending':>9}{'ok':>9}{'failed':>9}"
         f"{'samples/s':>11}",
     ]
-    for stage in SHARDED_STAGES:
+    for stage in [name for name in report["stages"] if name in OUTPUT_SUFFIX]:
         s = report["stages"][stage]
         rate = f"{s['samples_per_second']:.1f}" if s["samples_per_second"] else "-"
         eta = ""

@@ -45,6 +45,9 @@ def test_encode_writes_latents_and_embeddings_per_merged_shard(make_run) -> None
     assert shapes["prompt_embeds"][:2] == (4, 77) and shapes["time_ids"] == (4, 6)
     assert shapes["empty_prompt_embeds"][0] == 1
     assert "prompt_embeds_original" in shapes  # synthetic_caption_ratio < 1: both captions
+    from recaption.status import collect_status
+
+    assert collect_status(config)["stages"]["encode"]["shards_done"] == 2
     # Without train.cache the stage has nothing to do.
     off = load_config(path, ["train.cache=false"])
     assert run_stage("encode", StageContext(off)).shards_ok == []
