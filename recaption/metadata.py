@@ -280,24 +280,31 @@ def blocklist_keep_mask(table: pa.Table, cfg: DownloadConfig, blocklist: Blockli
     return pc.invert(listed)
 
 
-def prefilter(
-    table: pa.Table, cfg: DownloadConfig, blocklist: Blocklist | None = None
-) -> tuple[pa.Table, PrefilterReport]:
-    """Apply the download pre-filter rules in order; count what each removed.
+KeepMask = Callable[[pa.Table], pa.ChunkedArray]
 
-    ``blocklist`` (from :func:`load_blocklist`) is applied first, after rows without a URL.
-    Raises :class:`MetadataError` naming the rules (and their config keys) that removed the
-    rows when none is left.
-    """
-    report = PrefilterReport(input_rows=table.num_rows)
+
+def prefilter_rules(
+    cfg: DownloadConfig, blocklist: Blocklist | None = None
+) -> list[tuple[str, str, KeepMask | None]]:
+    """The pre-filter rules in order: ``(name, config key of the column it reads, keep-mask)``;
+    the mask is None when the config turns the rule off."""
     url = cfg.url_col
     listed = blocklist if blocklist else None
 
-    def host_rule(kind: str) -> Callable[[pa.Table], pa.ChunkedArray]:
+    def host_rule(kind: str) -> KeepMask:
         return lambda t: pc.invert(host_kind_masks(t[url])[kind])
 
-    # (rule, config key of the column it reads, keep-mask or None when the rule is off)
-    rules: list[tuple[str, str, Callable[[pa.Table], pa.ChunkedArray] | None]] = [
+    def at_least(column: str, bound: float | None) -> KeepMask | None:
+        if not bound:
+            return None
+        return lambda t: pc.fill_null(pc.greater_equal(t[column], bound), False)
+
+    def at_most(column: str, bound: float | None) -> KeepMask | None:
+        if bound is None:
+            return None
+        return lambda t: pc.fill_null(pc.less_equal(t[column], bound), True)
+
+    return [
         ("url_missing", "url_col", lambda t: pc.invert(pc.is_null(t[url]))),
         (
             "blocklist",
@@ -313,6 +320,7 @@ def prefilter(
         ),
         ("loopback_host", "url_col", None if cfg.allow_loopback else host_rule(LOOPBACK)),
         ("private_host", "url_col", None if cfg.allow_private_networks else host_rule(PRIVATE)),
+        # A minimum aesthetic score of 0 is a real threshold (scores can be negative).
         (
             "aesthetic_score",
             "aesthetic_col",
@@ -322,38 +330,24 @@ def prefilter(
                 pc.greater_equal(t[cfg.aesthetic_col], cfg.min_aesthetic_score), False
             ),
         ),
-        (
-            "min_width",
-            "width_col",
-            None
-            if not cfg.min_width
-            else lambda t: pc.fill_null(pc.greater_equal(t[cfg.width_col], cfg.min_width), False),
-        ),
-        (
-            "min_height",
-            "height_col",
-            None
-            if not cfg.min_height
-            else lambda t: pc.fill_null(pc.greater_equal(t[cfg.height_col], cfg.min_height), False),
-        ),
-        (
-            "punsafe",
-            "punsafe_col",
-            None
-            if cfg.max_punsafe is None
-            else lambda t: pc.fill_null(pc.less_equal(t[cfg.punsafe_col], cfg.max_punsafe), True),
-        ),
-        (
-            "pwatermark",
-            "pwatermark_col",
-            None
-            if cfg.max_pwatermark is None
-            else lambda t: pc.fill_null(
-                pc.less_equal(t[cfg.pwatermark_col], cfg.max_pwatermark), True
-            ),
-        ),
+        ("min_width", "width_col", at_least(cfg.width_col, cfg.min_width)),
+        ("min_height", "height_col", at_least(cfg.height_col, cfg.min_height)),
+        ("punsafe", "punsafe_col", at_most(cfg.punsafe_col, cfg.max_punsafe)),
+        ("pwatermark", "pwatermark_col", at_most(cfg.pwatermark_col, cfg.max_pwatermark)),
     ]
-    for name, key, keep in rules:
+
+
+def prefilter(
+    table: pa.Table, cfg: DownloadConfig, blocklist: Blocklist | None = None
+) -> tuple[pa.Table, PrefilterReport]:
+    """Apply the download pre-filter rules in order; count what each removed.
+
+    ``blocklist`` (from :func:`load_blocklist`) is applied first, after rows without a URL.
+    Raises :class:`MetadataError` naming the rules (and their config keys) that removed the
+    rows when none is left.
+    """
+    report = PrefilterReport(input_rows=table.num_rows)
+    for name, key, keep in prefilter_rules(cfg, blocklist):
         if keep is None:
             continue
         before = table.num_rows

@@ -241,13 +241,12 @@ class Session:
         return cfg.batch_size * self.accelerator.num_processes * cfg.gradient_accumulation_steps
 
 
-def prepare(stage: TrainStage) -> Session:
-    """Accelerator, teacher and student, optimizer, EMA, resume, and the data stream."""
+def make_accelerator(cfg: TrainConfig, koala_dir: Path) -> Any:
+    """accelerate's ``Accelerator``: mixed precision, accumulation, DDP, trackers."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    cfg, koala_dir = stage.config.train, stage.config.koala_dir
-    accelerator = Accelerator(
+    return Accelerator(
         # Without CUDA, processes started by torchrun / `accelerate launch --multi_gpu` talk gloo.
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -258,6 +257,14 @@ def prepare(stage: TrainStage) -> Session:
         ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+
+
+def prepare(stage: TrainStage) -> Session:
+    """Accelerator, teacher and student, optimizer, EMA, resume, and the data stream."""
+    from accelerate.utils import set_seed
+
+    cfg, koala_dir = stage.config.train, stage.config.koala_dir
+    accelerator = make_accelerator(cfg, koala_dir)
     # Listed after the Accelerator's rendezvous: rank 0 may just have reset the folder.
     checkpoints = list_checkpoints(koala_dir / "checkpoints")
     if checkpoints:
