@@ -541,6 +541,8 @@ def _run_single(stage: SingleOutputStage) -> StageSummary:
             return summary
         if ctx.rank == 0:
             ledger.mark_done(unit, stats)
+        summary.samples_ok = summary.samples_ok or int(stats.get("n_ok", 0))
+        summary.samples_failed = summary.samples_failed or int(stats.get("n_failed", 0))
         if not summary.shards_ok:  # a stage may report the shards it read instead
             summary.shards_ok.append(unit)
     finally:

@@ -560,6 +560,7 @@ def finish(
         shard, _, message = error.partition(": ")
         summary.shards_failed[shard] = message
     summary.shards_ok = [p.stem for p in stage.shards if p.stem not in summary.shards_failed]
+    summary.shards_total = len(stage.shards)
     if summary.interrupted:
         if main:
             write_train_state(koala_dir, progress, cfg, last_terms, "interrupted")
