@@ -22,18 +22,36 @@ an ``error`` row and the rest of its batch is captioned as usual. A truncated or
 fails its shard only. Several GPUs: ``torchrun --nproc-per-node N -m recaption caption CONFIG``
 runs one process per GPU, each on ``cuda:$LOCAL_RANK``, each on its own shards; no process
 group is needed because ranks share nothing but the ledger.
+
+Two backends write the same rows and stats (``caption.backend``):
+
+- ``transformers`` (the default): the model runs in this process, ``generate`` in padded
+  batches of ``caption.batch_size``;
+- ``openai``: a client of an OpenAI-compatible chat-completions server (vLLM, SGLang,
+  ``transformers serve``), which batches requests itself (continuous batching, paged
+  attention). Each sample is one request with the image, downscaled to what the model sees,
+  as a PNG data URL (:mod:`recaption.chat_captions`), with ``caption.concurrency`` requests in
+  flight. The server is either running already (``caption.endpoint``) or started by the stage
+  from ``caption.server.command`` and stopped when the stage ends, however it ends
+  (:mod:`recaption.serving`). Undecodable images are error rows and never sent; a request that
+  still fails after its retries is an error row; a server that is down, or more failed requests
+  than ``caption.max_request_error_rate``, fails the shard (no done marker), and the run goes
+  on to the next shard.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import re
 import tarfile
 import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,6 +64,10 @@ from recaption.ledger import STATS_SUFFIX, ShardError, atomic_path
 from recaption.schemas import CAPTION_SCHEMA
 from recaption.shards import RawSample, expected_keys, iter_tar_samples
 from recaption.signals import StopRequested, StopSignals, ignore_stop_signals
+
+if TYPE_CHECKING:
+    from recaption.chat_captions import ChatRequest, ChatResult
+    from recaption.serving import ManagedServer
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +108,10 @@ def fill_instruction(template: str, alt_text: str, max_chars: int) -> str:
 
 
 # -- decoding in DataLoader workers --------------------------------------------------------------
+# One sample of a chunk: (key, alt_text, instruction, error or None).
+Item = tuple[str, str, str, str | None]
+
+
 @dataclass
 class PreparedBatch:
     """A batch as a worker hands it over: model inputs for the good images, errors for the rest.
@@ -95,56 +121,35 @@ class PreparedBatch:
     """
 
     index: int
-    items: list[tuple[str, str, str, str | None]]
+    items: list[Item]
     good: list[int]
     inputs: dict[str, Any] | None
     shard_error: str | None = None
 
 
-class ShardBatches(IterableDataset):
-    """An ``IterableDataset`` over one shard that yields :class:`PreparedBatch`-es in order.
+class _ShardChunks(IterableDataset):
+    """An ``IterableDataset`` over one shard that yields prepared chunks of samples in order.
 
-    With ``n`` DataLoader workers, worker ``w`` prepares batches ``w, w + n, w + 2n, ...``; the
-    DataLoader takes them round-robin, so batches arrive in tar order. Each worker streams the
-    tar itself (cheap next to decoding) and decodes only its own batches.
+    With ``n`` DataLoader workers, worker ``w`` prepares chunks ``w, w + n, w + 2n, ...``; the
+    DataLoader takes them round-robin, so chunks arrive in tar order. Each worker streams the
+    tar itself (cheap next to decoding) and decodes only its own chunks. A tar that breaks is
+    handed over as a chunk with ``shard_error`` set, so the main process fails the shard with
+    a clear message.
     """
 
-    def __init__(
-        self,
-        tar_path: Path,
-        processor: Any,
-        template: str,
-        section: CaptionConfig,
-    ) -> None:
+    def __init__(self, tar_path: Path, template: str, section: CaptionConfig) -> None:
         super().__init__()
         self.tar_path = tar_path
-        self.processor = processor
         self.template = template
         self.batch_size = section.batch_size
         self.min_side = section.min_image_side
         self.max_pixels = section.max_image_pixels
         self.max_alt_chars = section.max_alt_text_chars
-        self.draft_size = decode_size(processor)
-        self._prompt_cache: dict[str, str] = {}
+        self.draft_size: int | None = None
 
-    def _chat_prompt(self, instruction: str) -> str:
-        from recaption.models.llava import chat_prompt
-
-        prompt = self._prompt_cache.get(instruction)
-        if prompt is None:
-            prompt = chat_prompt(self.processor, instruction)
-            if len(self._prompt_cache) < 64:
-                self._prompt_cache[instruction] = prompt
-        return prompt
-
-    def _encode(self, images: list[Any], instructions: list[str]) -> dict[str, Any]:
-        texts = [self._chat_prompt(i) for i in instructions]
-        encoded = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
-        return dict(encoded)
-
-    def prepare(self, index: int, samples: list[RawSample]) -> PreparedBatch:
-        """Decode and preprocess one batch of samples; bad ones become error items."""
-        items: list[tuple[str, str, str, str | None]] = []
+    def decode_chunk(self, samples: list[RawSample]) -> tuple[list[Item], list[Any], list[int]]:
+        """Decode a chunk: its items (tar order), the good images, and their item indexes."""
+        items: list[Item] = []
         images: list[Any] = []
         good: list[int] = []
         for sample in samples:
@@ -169,6 +174,72 @@ class ShardBatches(IterableDataset):
                 except ImageDecodeError as exc:
                     error = str(exc)
             items.append((sample.key, alt, instruction, error))
+        return items, images, good
+
+    def prepare(self, index: int, samples: list[RawSample]) -> Any:
+        """Prepare chunk ``index`` (its samples in tar order)."""
+        raise NotImplementedError
+
+    def broken(self, message: str) -> Any:
+        """The chunk that tells the main process the tar is broken."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        index = 0
+        chunk: list[RawSample] = []
+        try:
+            for sample in iter_tar_samples(self.tar_path):
+                chunk.append(sample)
+                if len(chunk) == self.batch_size:
+                    if index % n_workers == worker:
+                        yield self.prepare(index, chunk)
+                    index, chunk = index + 1, []
+            if chunk and index % n_workers == worker:
+                yield self.prepare(index, chunk)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            yield self.broken(
+                f"{self.tar_path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                "delete it with its _stats.json and rerun the download for this shard"
+            )
+
+
+class ShardBatches(_ShardChunks):
+    """The transformers backend's chunks: model inputs for a batch (:class:`PreparedBatch`)."""
+
+    def __init__(
+        self,
+        tar_path: Path,
+        processor: Any,
+        template: str,
+        section: CaptionConfig,
+    ) -> None:
+        super().__init__(tar_path, template, section)
+        self.processor = processor
+        self.draft_size = decode_size(processor)
+        self._prompt_cache: dict[str, str] = {}
+
+    def _chat_prompt(self, instruction: str) -> str:
+        from recaption.models.llava import chat_prompt
+
+        prompt = self._prompt_cache.get(instruction)
+        if prompt is None:
+            prompt = chat_prompt(self.processor, instruction)
+            if len(self._prompt_cache) < 64:
+                self._prompt_cache[instruction] = prompt
+        return prompt
+
+    def _encode(self, images: list[Any], instructions: list[str]) -> dict[str, Any]:
+        texts = [self._chat_prompt(i) for i in instructions]
+        encoded = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        return dict(encoded)
+
+    def prepare(self, index: int, samples: list[RawSample]) -> PreparedBatch:
+        """Decode and preprocess one batch of samples; bad ones become error items."""
+        items, images, good = self.decode_chunk(samples)
         inputs = None
         if images:
             instructions = [items[i][2] for i in good]
@@ -179,12 +250,15 @@ class ShardBatches(IterableDataset):
                 inputs, good = self._encode_one_by_one(images, instructions, good, items, exc)
         return PreparedBatch(index, items, good, inputs)
 
+    def broken(self, message: str) -> PreparedBatch:
+        return PreparedBatch(-1, [], [], None, shard_error=message)
+
     def _encode_one_by_one(
         self,
         images: list[Any],
         instructions: list[str],
         good: list[int],
-        items: list[tuple[str, str, str, str | None]],
+        items: list[Item],
         batch_error: Exception,
     ) -> tuple[dict[str, Any] | None, list[int]]:
         kept: list[int] = []
@@ -204,29 +278,41 @@ class ShardBatches(IterableDataset):
         logger.debug("batch preprocessing failed (%s); isolated the bad image(s)", batch_error)
         return self._encode(kept_images, kept_instructions), kept
 
-    def __iter__(self) -> Iterator[PreparedBatch]:
-        import torch.utils.data
 
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        index = 0
-        chunk: list[RawSample] = []
-        try:
-            for sample in iter_tar_samples(self.tar_path):
-                chunk.append(sample)
-                if len(chunk) == self.batch_size:
-                    if index % n_workers == worker:
-                        yield self.prepare(index, chunk)
-                    index, chunk = index + 1, []
-            if chunk and index % n_workers == worker:
-                yield self.prepare(index, chunk)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            # Handed over as data, so the main process can fail the shard with a clear message.
-            message = (
-                f"{self.tar_path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
-                "delete it with its _stats.json and rerun the download for this shard"
-            )
-            yield PreparedBatch(-1, [], [], None, shard_error=message)
+@dataclass
+class PreparedRequests:
+    """A chunk as the ``openai`` backend gets it: ``(item index, data URL)`` for each good
+    image, errors for the rest (``items`` as in :class:`PreparedBatch`)."""
+
+    index: int
+    items: list[Item]
+    image_urls: list[tuple[int, str]]
+    shard_error: str | None = None
+
+
+class RequestBatches(_ShardChunks):
+    """The ``openai`` backend's chunks: each good image decoded, brought down to the model's
+    input side (:func:`recaption.chat_captions.model_view`) and encoded as a PNG data URL."""
+
+    def __init__(
+        self, tar_path: Path, template: str, section: CaptionConfig, image_side: int
+    ) -> None:
+        super().__init__(tar_path, template, section)
+        self.image_side = image_side
+        self.draft_size = image_side
+
+    def prepare(self, index: int, samples: list[RawSample]) -> PreparedRequests:
+        """Decode and encode one chunk of samples; bad ones become error items."""
+        from recaption.chat_captions import image_data_url, model_view
+
+        items, images, good = self.decode_chunk(samples)
+        urls = []
+        for item_index, image in zip(good, images, strict=True):
+            urls.append((item_index, image_data_url(model_view(image, self.image_side))))
+        return PreparedRequests(index, items, urls)
+
+    def broken(self, message: str) -> PreparedRequests:
+        return PreparedRequests(-1, [], [], shard_error=message)
 
 
 def _size_field(size: Any, key: str) -> int:
@@ -241,7 +327,7 @@ def decode_size(processor: Any) -> int | None:
     LLaVA-1.5 resizes the shortest edge to 336, then crops 336; LLaVA-NeXT tiles up to its
     largest grid pinpoint, so it needs that many.
     """
-    image_processor = getattr(processor, "image_processor", None)
+    image_processor = getattr(processor, "image_processor", processor)
     pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
     if pinpoints:
         return max(max(p) for p in pinpoints)
@@ -266,13 +352,37 @@ def finish_tokens(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], int,
     return tokens, len(tokens), "length"
 
 
-class ShardCaptioner:
-    """Captions whole shards with one loaded model into ``output_dir/{shard}.parquet``."""
+def empty_row(item: Item, model: str, revision: str | None) -> dict[str, Any]:
+    """A sample's parquet row before captioning: ``status`` "error" if it has an error."""
+    key, alt, instruction, error = item
+    return {
+        "key": key,
+        "caption": None,
+        "original_text": alt,
+        "model": model,
+        "revision": revision,
+        "prompt": instruction,
+        "n_prompt_tokens": None,
+        "n_new_tokens": None,
+        "finish_reason": None,
+        "status": "error" if error else "ok",
+        "error": error,
+    }
+
+
+class CaptionWriter:
+    """What both backends share: one shard's rows into ``output_dir/{shard}.parquet``, checked
+    against img2dataset's list of keys, and the shard's stats.
+
+    A backend implements :meth:`caption_rows` and sets :attr:`model_name` (the ``model``
+    column) and :attr:`device` (where captions are made: a device or an endpoint).
+    """
+
+    backend = ""
 
     def __init__(
         self,
         config: RunConfig,
-        captioner: Any,
         output_dir: Path,
         stop: StopSignals,
         rank: int = 0,
@@ -280,114 +390,39 @@ class ShardCaptioner:
     ) -> None:
         self.config = config
         self.section = config.caption
-        self.captioner = captioner
         self.output_dir = output_dir
         self.stop = stop
         self.rank = rank
         self.world_size = world_size
         self.template = instruction_template(self.section)
-        self.revision = self.section.revision or captioner.revision
+        self.revision = self.section.revision
+        self.model_name = self.section.model
+        self.device = ""
 
-    def generation_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``generate``: greedy unless sampling is switched on."""
-        s = self.section
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": s.max_new_tokens,
-            "do_sample": s.do_sample,
-            "repetition_penalty": s.repetition_penalty,
-            "pad_token_id": self.captioner.pad_token_id,
-        }
-        if s.min_new_tokens:
-            kwargs["min_new_tokens"] = min(s.min_new_tokens, s.max_new_tokens)
-        if s.do_sample:
-            kwargs.update(temperature=s.temperature, top_p=s.top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
+    def caption_rows(self, tar_path: Path, shard: str) -> tuple[list[dict], int, float]:
+        """Caption one shard: its rows (tar order), the new tokens generated, and the seconds
+        captioning sat idle for want of decoded images."""
+        raise NotImplementedError
 
-    def generate(self, inputs: dict[str, Any], seed: int) -> tuple[list[list[int]], list[int]]:
-        """Run ``generate`` on one prepared batch; the new tokens and prompt lengths per row."""
-        import torch
-
-        c = self.captioner
-        moved = {}
-        for name, value in inputs.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(c.device, non_blocking=True)
-                if value.is_floating_point():
-                    value = value.to(c.dtype)
-            moved[name] = value
-        torch.manual_seed(seed)
-        with torch.inference_mode():
-            output = c.model.generate(**moved, **self.generation_kwargs())
-        prompt_len = moved["input_ids"].shape[1]
-        new_tokens = output[:, prompt_len:].cpu().tolist()
-        prompt_tokens = moved["attention_mask"].sum(dim=1).cpu().tolist()
-        return new_tokens, [int(n) for n in prompt_tokens]
-
-    def batch_rows(self, batch: PreparedBatch, shard_seed: int) -> tuple[list[dict], int]:
-        """The parquet rows of one batch (tar order) and the number of new tokens generated."""
-        c = self.captioner
-        rows: list[dict[str, Any]] = []
-        for key, alt, instruction, error in batch.items:
-            rows.append(
-                {
-                    "key": key,
-                    "caption": None,
-                    "original_text": alt,
-                    "model": self.section.model,
-                    "revision": self.revision,
-                    "prompt": instruction,
-                    "n_prompt_tokens": None,
-                    "n_new_tokens": None,
-                    "finish_reason": None,
-                    "status": "error" if error else "ok",
-                    "error": error,
-                }
-            )
-        n_new = 0
-        if batch.inputs is not None and batch.good:
-            new_tokens, prompt_tokens = self.generate(batch.inputs, shard_seed + batch.index)
-            eos = c.eos_token_ids
-            for row_index, tokens, n_prompt in zip(
-                batch.good, new_tokens, prompt_tokens, strict=True
-            ):
-                caption_tokens, n_generated, reason = finish_tokens(tokens, eos)
-                rows[row_index].update(
-                    caption=c.processor.tokenizer.decode(
-                        caption_tokens, skip_special_tokens=True
-                    ).strip(),
-                    n_prompt_tokens=n_prompt,
-                    n_new_tokens=n_generated,
-                    finish_reason=reason,
-                )
-                n_new += n_generated
-        return rows, n_new
-
-    def caption_batches(self, tar_path: Path, shard: str) -> tuple[list[dict], int, float]:
-        """Stream one shard through the DataLoader and the model, batch by batch.
-
-        Returns the rows (tar order), the new tokens generated and the seconds the model sat
-        idle for want of decoded images.
-        """
-        import torch
+    def loader(self, dataset: _ShardChunks, *, prefetch: int, pin_memory: bool = False) -> Any:
+        """A DataLoader that prepares ``dataset``'s chunks in ``caption.num_workers`` processes."""
         from torch.utils.data import DataLoader
-        from tqdm import tqdm
 
-        dataset = ShardBatches(tar_path, self.captioner.processor, self.template, self.section)
         workers = self.section.num_workers
-        loader = DataLoader(
+        return DataLoader(
             dataset,
             batch_size=None,
             num_workers=workers,
             worker_init_fn=ignore_stop_signals,
-            prefetch_factor=4 if workers else None,
-            pin_memory=self.captioner.device.startswith("cuda"),
+            prefetch_factor=prefetch if workers else None,
+            pin_memory=pin_memory,
         )
-        shard_seed = self.section.seed + zlib.crc32(shard.encode())
-        rows: list[dict[str, Any]] = []
-        n_new_tokens = 0
-        progress = tqdm(
+
+    def progress(self, shard: str) -> Any:
+        """A progress bar for one shard (one line per rank)."""
+        from tqdm import tqdm
+
+        return tqdm(
             desc=f"caption [rank {self.rank}] {shard}",
             unit="img",
             position=self.rank,
@@ -395,34 +430,6 @@ class ShardCaptioner:
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        waiting = 0.0
-        batches = None
-        try:
-            batches = iter(loader)
-            while True:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                waiting += time.perf_counter() - t0
-                if batch is None:
-                    break
-                self.stop.check()
-                if batch.shard_error:
-                    raise ShardError(batch.shard_error)
-                batch_rows, n_new = self.batch_rows(batch, shard_seed)
-                rows.extend(batch_rows)
-                n_new_tokens += n_new
-                progress.update(len(batch_rows))
-        except (RuntimeError, OSError) as exc:
-            if self.stop.requested:  # e.g. a worker killed by the same stop signal
-                raise StopRequested(str(exc)) from exc
-            raise
-        finally:
-            progress.close()
-            batches = None  # shuts the DataLoader workers down now, not at some later GC
-            del loader
-        if torch.cuda.is_available() and self.captioner.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return rows, n_new_tokens, waiting
 
     def caption_shard(self, shard: str) -> dict[str, Any]:
         """Caption one shard and write ``captions/{shard}.parquet``; returns its stats."""
@@ -434,7 +441,7 @@ class ShardCaptioner:
                 "delete the marker and rerun the download for this shard"
             )
         start = time.perf_counter()
-        rows, n_new_tokens, waiting = self.caption_batches(tar_path, shard)
+        rows, n_new_tokens, waiting = self.caption_rows(tar_path, shard)
         expected = expected_keys(images_dir, shard)
         seen = {row["key"] for row in rows}
         if expected is not None and not expected <= seen:
@@ -482,15 +489,305 @@ class ShardCaptioner:
             "images_per_s": round(len(rows) / seconds, 3) if seconds > 0 else None,
             "new_tokens_per_s": round(n_new_tokens / seconds, 3) if seconds > 0 else None,
             "errors": errors,
-            "model": self.section.model,
+            "model": self.model_name,
             "revision": self.revision,
             "rank": self.rank,
             "world_size": self.world_size,
-            "device": self.captioner.device,
+            "backend": self.backend,
+            "device": self.device,
         }
 
 
+class ShardCaptioner(CaptionWriter):
+    """The ``transformers`` backend: one loaded model, ``generate`` in padded batches."""
+
+    backend = "transformers"
+
+    def __init__(
+        self,
+        config: RunConfig,
+        captioner: Any,
+        output_dir: Path,
+        stop: StopSignals,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(config, output_dir, stop, rank, world_size)
+        self.captioner = captioner
+        self.revision = self.section.revision or captioner.revision
+        self.device = captioner.device
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``generate``: greedy unless sampling is switched on."""
+        s = self.section
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": s.max_new_tokens,
+            "do_sample": s.do_sample,
+            "repetition_penalty": s.repetition_penalty,
+            "pad_token_id": self.captioner.pad_token_id,
+        }
+        if s.min_new_tokens:
+            kwargs["min_new_tokens"] = min(s.min_new_tokens, s.max_new_tokens)
+        if s.do_sample:
+            kwargs.update(temperature=s.temperature, top_p=s.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def generate(self, inputs: dict[str, Any], seed: int) -> tuple[list[list[int]], list[int]]:
+        """Run ``generate`` on one prepared batch; the new tokens and prompt lengths per row."""
+        import torch
+
+        c = self.captioner
+        moved = {}
+        for name, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(c.device, non_blocking=True)
+                if value.is_floating_point():
+                    value = value.to(c.dtype)
+            moved[name] = value
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            output = c.model.generate(**moved, **self.generation_kwargs())
+        prompt_len = moved["input_ids"].shape[1]
+        new_tokens = output[:, prompt_len:].cpu().tolist()
+        prompt_tokens = moved["attention_mask"].sum(dim=1).cpu().tolist()
+        return new_tokens, [int(n) for n in prompt_tokens]
+
+    def batch_rows(self, batch: PreparedBatch, shard_seed: int) -> tuple[list[dict], int]:
+        """The parquet rows of one batch (tar order) and the number of new tokens generated."""
+        c = self.captioner
+        rows = [empty_row(item, self.model_name, self.revision) for item in batch.items]
+        n_new = 0
+        if batch.inputs is not None and batch.good:
+            new_tokens, prompt_tokens = self.generate(batch.inputs, shard_seed + batch.index)
+            eos = c.eos_token_ids
+            for row_index, tokens, n_prompt in zip(
+                batch.good, new_tokens, prompt_tokens, strict=True
+            ):
+                caption_tokens, n_generated, reason = finish_tokens(tokens, eos)
+                rows[row_index].update(
+                    caption=c.processor.tokenizer.decode(
+                        caption_tokens, skip_special_tokens=True
+                    ).strip(),
+                    n_prompt_tokens=n_prompt,
+                    n_new_tokens=n_generated,
+                    finish_reason=reason,
+                )
+                n_new += n_generated
+        return rows, n_new
+
+    def caption_rows(self, tar_path: Path, shard: str) -> tuple[list[dict], int, float]:
+        """Stream one shard through the DataLoader and the model, batch by batch."""
+        import torch
+
+        dataset = ShardBatches(tar_path, self.captioner.processor, self.template, self.section)
+        loader = self.loader(dataset, prefetch=4, pin_memory=self.device.startswith("cuda"))
+        shard_seed = self.section.seed + zlib.crc32(shard.encode())
+        rows: list[dict[str, Any]] = []
+        n_new_tokens = 0
+        progress = self.progress(shard)
+        waiting = 0.0
+        batches = None
+        try:
+            batches = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                waiting += time.perf_counter() - t0
+                if batch is None:
+                    break
+                self.stop.check()
+                if batch.shard_error:
+                    raise ShardError(batch.shard_error)
+                batch_rows, n_new = self.batch_rows(batch, shard_seed)
+                rows.extend(batch_rows)
+                n_new_tokens += n_new
+                progress.update(len(batch_rows))
+        except (RuntimeError, OSError) as exc:
+            if self.stop.requested:  # e.g. a worker killed by the same stop signal
+                raise StopRequested(str(exc)) from exc
+            raise
+        finally:
+            progress.close()
+            batches = None  # shuts the DataLoader workers down now, not at some later GC
+            del loader
+        if torch.cuda.is_available() and self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return rows, n_new_tokens, waiting
+
+    # The benchmark and older callers know the loop by this name.
+    caption_batches = caption_rows
+
+
+class ApiShardCaptioner(CaptionWriter):
+    """The ``openai`` backend: chat-completions requests to a serving engine.
+
+    Chunks of ``caption.batch_size`` samples are decoded and encoded in DataLoader workers
+    (:class:`RequestBatches`); :func:`recaption.chat_captions.run_requests` keeps
+    ``caption.concurrency`` requests in flight. ``model`` is the id the server lists in
+    ``/v1/models``; ``device`` is the endpoint.
+    """
+
+    backend = "openai"
+
+    def __init__(
+        self,
+        config: RunConfig,
+        output_dir: Path,
+        stop: StopSignals,
+        *,
+        endpoint: str,
+        image_side: int,
+        api_key: str | None = None,
+        server: ManagedServer | None = None,
+        wanted_models: tuple[str, ...] = (),
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(config, output_dir, stop, rank, world_size)
+        self.endpoint = endpoint
+        self.device = endpoint
+        self.image_side = image_side
+        self._api_key = api_key
+        self.server = server
+        self.wanted_models = wanted_models
+
+    def client(self) -> Any:
+        """A :class:`recaption.chat_captions.ChatCaptionClient` for this config."""
+        from recaption.chat_captions import ChatCaptionClient, RetryPolicy, generation_options
+
+        s = self.section
+        options = generation_options(
+            max_new_tokens=s.max_new_tokens,
+            do_sample=s.do_sample,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            repetition_penalty=s.repetition_penalty,
+            min_new_tokens=s.min_new_tokens,
+            seed=s.seed,
+        )
+        return ChatCaptionClient(
+            self.endpoint,
+            options=options,
+            request_timeout=s.request_timeout,
+            retry=RetryPolicy(s.max_retries, s.retry_backoff),
+            api_key=self._api_key,
+            api_key_env=s.api_key_env,
+            server_problem=self.server.problem if self.server is not None else None,
+        )
+
+    def caption_rows(self, tar_path: Path, shard: str) -> tuple[list[dict], int, float]:
+        """Send one shard's samples to the server and build its rows (tar order)."""
+        from recaption.chat_captions import ChatRequest, EndpointError
+
+        dataset = RequestBatches(tar_path, self.template, self.section, self.image_side)
+        loader = self.loader(dataset, prefetch=2)
+        rows: list[dict[str, Any]] = []
+        progress = self.progress(shard)
+        batches = iter(loader)  # in this thread: the DataLoader starts its workers here
+
+        def requests() -> Iterator[list[ChatRequest]]:
+            for chunk in batches:
+                if chunk.shard_error:
+                    raise ShardError(chunk.shard_error)
+                base = len(rows)
+                rows.extend(empty_row(item, "", self.revision) for item in chunk.items)
+                progress.update(len(chunk.items) - len(chunk.image_urls))
+                yield [ChatRequest(base + i, chunk.items[i][2], url) for i, url in chunk.image_urls]
+
+        source = requests()
+        try:
+            report = asyncio.run(self._run(source, progress))
+        except EndpointError as exc:
+            raise ShardError(str(exc)) from None
+        except (RuntimeError, OSError) as exc:
+            if self.stop.requested:  # e.g. a worker killed by the same stop signal
+                raise StopRequested(str(exc)) from exc
+            raise
+        finally:
+            progress.close()
+            source.close()  # a generator stopped mid-shard lets go of the DataLoader now
+            batches = None  # shuts the DataLoader workers down now, not at some later GC
+            del loader
+        n_new_tokens = self._fill_rows(rows, report.results)
+        if report.retries:
+            logger.info("caption: shard %s needed %d retried request(s)", shard, report.retries)
+        return rows, n_new_tokens, report.seconds_waiting_for_images
+
+    async def _run(self, requests: Iterator[list[ChatRequest]], progress: Any) -> Any:
+        from recaption.chat_captions import run_requests
+
+        async with self.client() as client:
+            self.model_name = await client.choose_model(self.wanted_models)
+            return await run_requests(
+                client,
+                requests,
+                concurrency=self.section.concurrency,
+                check_stop=self.stop.check,
+                on_result=lambda _: progress.update(1),
+            )
+
+    def _fill_rows(self, rows: list[dict[str, Any]], results: list[ChatResult]) -> int:
+        """Put the answers into the rows; fail the shard if too many requests failed."""
+        n_new_tokens = 0
+        failed: list[tuple[str, str]] = []
+        for row in rows:
+            row["model"] = self.model_name
+        for result in results:
+            row = rows[result.index]
+            if result.error is not None:
+                row.update(status="error", error=result.error)
+                failed.append((row["key"], result.error))
+                continue
+            row.update(
+                caption=result.caption,
+                n_prompt_tokens=result.n_prompt_tokens,
+                n_new_tokens=result.n_new_tokens,
+                finish_reason=result.finish_reason,
+            )
+            n_new_tokens += result.n_new_tokens or 0
+        limit = self.section.max_request_error_rate
+        if results and len(failed) > limit * len(results):
+            key, error = failed[0]
+            raise ShardError(
+                f"{len(failed)} of {len(results)} requests to {self.endpoint} "
+                f"failed after their retries, more than caption.max_request_error_rate="
+                f"{limit:g} allows (e.g. key {key!r}: {error}); the shard is not marked done, "
+                "so a rerun sends them again. Check the server's log"
+            )
+        return n_new_tokens
+
+
 # -- the stage -----------------------------------------------------------------------------------
+API_KEY_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def model_input_side(model: str, section: CaptionConfig) -> int:
+    """The fewest pixels per side the model's image processor uses (336 for LLaVA-1.5), read
+    from the checkpoint's processor config; raises :class:`ValueError` saying what to set."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(
+            model, revision=section.revision, trust_remote_code=section.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"caption.request_image_side is not set and the image processor of caption.model "
+            f"{section.model!r} cannot be read to find the model's input size ({exc}); set "
+            "caption.request_image_side (336 for LLaVA-1.5, 672 for LLaVA-NeXT), or make the "
+            "checkpoint available here"
+        ) from exc
+    side = decode_size(processor)
+    if not side:
+        raise ValueError(
+            f"the image processor of caption.model {section.model!r} does not say its input "
+            "size; set caption.request_image_side to the side in pixels the model sees"
+        )
+    return side
+
+
 class CaptionStage(ShardedStage):
     """Caption every finished image shard (see the module docstring)."""
 
@@ -498,16 +795,66 @@ class CaptionStage(ShardedStage):
     input_stage = "download"  # a redownloaded image shard (new marker) makes its captions stale
     output_suffixes = (".parquet",)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server: ManagedServer | None = None
+
     def check(self) -> None:
         from recaption.demo.models import resolve_model
         from recaption.models.llava import check_checkpoint
 
         section = self.config.caption
         self.template = instruction_template(section)  # a bad prompt config stops here
+        if section.backend == "openai":
+            self._check_openai(section)
+            self.model_path = resolve_model(self.config, section.model)
+            return
         self.model_path = resolve_model(self.config, section.model)
         check_checkpoint(self.model_path, section.revision, section.trust_remote_code)
 
+    @staticmethod
+    def _check_openai(section: CaptionConfig) -> None:
+        """What the config alone cannot tell: the client package, the server program, the
+        key's environment variable."""
+        from recaption.serving import executable_problem, visible_gpus
+
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "caption.backend is 'openai' but the openai package is not installed; install "
+                "the serving extra: pip install -e '.[serve]'"
+            ) from None
+        command = section.server.command
+        if command:
+            problem = executable_problem(command)
+            if problem:
+                raise ValueError(f"caption.server.command: {problem}")
+            if "{gpus}" in command and visible_gpus() == 0:
+                raise ValueError(
+                    "caption.server.command uses {gpus}, but no GPU is visible to this task "
+                    "(CUDA_VISIBLE_DEVICES, torch.cuda); run it on a GPU node, or write the "
+                    "engine's parallelism into the command"
+                )
+        name = section.api_key_env
+        if name is not None:
+            if not API_KEY_ENV_NAME.fullmatch(name):
+                # Never echo it: a key written here by mistake must not reach the log.
+                raise ValueError(
+                    "caption.api_key_env must be the name of an environment variable (letters, "
+                    "digits and _), such as VLLM_API_KEY; the key itself never goes into the "
+                    "config"
+                )
+            if not os.environ.get(name):
+                raise ValueError(
+                    f"caption.api_key_env names ${name}, which is not set or empty here; "
+                    f"export {name}=... (the server's API key) before running the stage"
+                )
+
     def setup(self) -> None:
+        if self.config.caption.backend == "openai":
+            self._setup_openai()
+            return
         from recaption.distributed import default_device
         from recaption.models.llava import load_captioner
 
@@ -521,7 +868,7 @@ class CaptionStage(ShardedStage):
             name=section.model,
         )
         logger.info("caption: instruction %r, batch %d", self.template, section.batch_size)
-        self.worker = ShardCaptioner(
+        self.worker: CaptionWriter = ShardCaptioner(
             self.config,
             captioner,
             self.output_dir,
@@ -530,5 +877,55 @@ class CaptionStage(ShardedStage):
             world_size=self.ctx.world_size,
         )
 
+    def _setup_openai(self) -> None:
+        from recaption.serving import ManagedServer
+
+        section = self.config.caption
+        side = section.request_image_side or model_input_side(self.model_path, section)
+        api_key = os.environ[section.api_key_env] if section.api_key_env else None
+        if section.server.command:
+            records = self.output_dir / "_ledger"
+            self.server = ManagedServer(
+                section.server.command,
+                host=section.server.host,
+                port=section.server.port,
+                model=self.model_path,
+                log_path=records / f"server-rank{self.ctx.rank}.log",
+                state_path=records / f"server-rank{self.ctx.rank}.json",
+                startup_timeout=section.server.startup_timeout,
+                stop_timeout=section.server.stop_timeout,
+                api_key=api_key,
+            )
+            endpoint = self.server.start()
+        else:
+            assert section.endpoint is not None  # the config refuses neither
+            endpoint = section.endpoint
+        logger.info(
+            "caption: openai backend on %s, %d request(s) in flight, images sent at %d px "
+            "(shorter side), instruction %r",
+            endpoint,
+            section.concurrency,
+            side,
+            self.template,
+        )
+        self.worker = ApiShardCaptioner(
+            self.config,
+            self.output_dir,
+            self.stop,
+            endpoint=endpoint,
+            image_side=side,
+            api_key=api_key,
+            server=self.server,
+            wanted_models=(section.model, self.model_path),
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
+
     def process(self, shard: str) -> dict[str, Any]:
         return self.worker.caption_shard(shard)
+
+    def teardown(self) -> None:
+        """Stop the server the stage started (every exit path: done, failed, stopped)."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
