@@ -236,6 +236,7 @@ class CaptionConfig(Section):
         {
             "batch_size",
             "num_workers",
+            "checkpoint_every_batches",
             "device",
             "endpoint",
             "api_key_env",
@@ -273,6 +274,12 @@ class CaptionConfig(Section):
     )
     batch_size: int = Field(16, gt=0, description="Images per generate() call.")
     num_workers: int = Field(4, ge=0, description="DataLoader processes decoding images.")
+    checkpoint_every_batches: int = Field(
+        50,
+        gt=0,
+        description="transformers backend: save the shard's captions so far every N batches, "
+        "so an interrupted shard resumes there instead of from its start.",
+    )
     max_new_tokens: int = Field(256, gt=0)
     min_new_tokens: int | None = Field(None, ge=0)
     do_sample: bool = Field(False, description="False: greedy decoding (deterministic).")

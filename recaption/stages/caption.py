@@ -45,6 +45,7 @@ import asyncio
 import logging
 import os
 import re
+import shutil
 import tarfile
 import time
 import zlib
@@ -184,6 +185,9 @@ class _ShardChunks(IterableDataset):
         """The chunk that tells the main process the tar is broken."""
         raise NotImplementedError
 
+    #: The first chunk to prepare (the ones before were captioned by an interrupted run).
+    start_chunk = 0
+
     def __iter__(self) -> Iterator[Any]:
         import torch.utils.data
 
@@ -191,14 +195,18 @@ class _ShardChunks(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         index = 0
         chunk: list[RawSample] = []
+
+        def mine(i: int) -> bool:
+            return i >= self.start_chunk and (i - self.start_chunk) % n_workers == worker
+
         try:
             for sample in iter_tar_samples(self.tar_path):
                 chunk.append(sample)
                 if len(chunk) == self.batch_size:
-                    if index % n_workers == worker:
+                    if mine(index):
                         yield self.prepare(index, chunk)
                     index, chunk = index + 1, []
-            if chunk and index % n_workers == worker:
+            if chunk and mine(index):
                 yield self.prepare(index, chunk)
         except (tarfile.TarError, OSError, EOFError) as exc:
             yield self.broken(
@@ -370,6 +378,62 @@ def empty_row(item: Item, model: str, revision: str | None) -> dict[str, Any]:
     }
 
 
+class ShardParts:
+    """The rows of a shard being captioned, saved every few batches: ``captions/_parts/``.
+
+    ``_parts/{shard}-{stamp}/part-NNNNNN.parquet`` holds whole batches, written atomically,
+    with the number of batches and new tokens in its metadata. A rerun of an interrupted shard
+    loads them and captions only the batches after them; its rows and generation seeds are
+    the uninterrupted run's, so the shard's file comes out the same. The stamp (the caption
+    config, the batch size and the image shard's signature) keeps parts of another config or
+    another download from being used; they are removed instead.
+    """
+
+    def __init__(self, output_dir: Path, shard: str, stamp: str) -> None:
+        self.root = output_dir / "_parts"
+        self.folder = self.root / f"{shard}-{stamp}"
+        self.shard = shard
+
+    def load(self) -> tuple[list[dict[str, Any]], int, int]:
+        """Rows, new tokens and batches saved by an interrupted run (stale parts removed)."""
+        for other in self.root.glob(f"{self.shard}-*"):
+            if other != self.folder:
+                shutil.rmtree(other, ignore_errors=True)
+        rows: list[dict[str, Any]] = []
+        tokens = batches = 0
+        for path in sorted(self.folder.glob("part-*.parquet")):
+            try:
+                table = pq.read_table(path)
+            except (OSError, pa.ArrowInvalid):
+                break  # the parts after a damaged one cannot be trusted either
+            meta = table.schema.metadata or {}
+            rows += table.to_pylist()
+            tokens += int(meta.get(b"new_tokens", b"0"))
+            batches += int(meta.get(b"batches", b"0"))
+        if rows:
+            logger.info(
+                "caption: shard %s resumes after %d saved batch(es) (%d rows)",
+                self.shard,
+                batches,
+                len(rows),
+            )
+        return rows, tokens, batches
+
+    def save(self, rows: list[dict[str, Any]], new_tokens: int, batches: int) -> None:
+        """Save the next whole batches."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        index = len(list(self.folder.glob("part-*.parquet")))
+        table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA).replace_schema_metadata(
+            {"new_tokens": str(new_tokens), "batches": str(batches)}
+        )
+        with atomic_path(self.folder / f"part-{index:06d}.parquet") as tmp:
+            pq.write_table(table, tmp)
+
+    def remove(self) -> None:
+        """Drop the parts (the shard's file is written)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class CaptionWriter:
     """What both backends share: one shard's rows into ``output_dir/{shard}.parquet``, checked
     against img2dataset's list of keys, and the shard's stats.
@@ -398,6 +462,8 @@ class CaptionWriter:
         self.revision = self.section.revision
         self.model_name = self.section.model
         self.device = ""
+        self.resumed_rows = 0
+        self.finished_parts: ShardParts | None = None
 
     def caption_rows(self, tar_path: Path, shard: str) -> tuple[list[dict], int, float]:
         """Caption one shard: its rows (tar order), the new tokens generated, and the seconds
@@ -454,7 +520,10 @@ class CaptionWriter:
             )
         with atomic_path(self.output_dir / f"{shard}.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA), tmp)
+        if self.finished_parts is not None:
+            self.finished_parts.remove()  # the shard's file holds every row now
         stats = self.shard_stats(rows, n_new_tokens, time.perf_counter() - start, waiting)
+        stats["n_resumed"] = self.resumed_rows  # rows an interrupted run had saved
         logger.info(
             "caption: shard %s done: %d images (%d ok, %d failed), %.1f images/s, "
             "%.0f new tokens/s, %.1fs",
@@ -578,15 +647,22 @@ class ShardCaptioner(CaptionWriter):
         return rows, n_new
 
     def caption_rows(self, tar_path: Path, shard: str) -> tuple[list[dict], int, float]:
-        """Stream one shard through the DataLoader and the model, batch by batch."""
+        """Stream one shard through the DataLoader and the model, batch by batch, saving the
+        rows so far every ``caption.checkpoint_every_batches`` batches (:class:`ShardParts`):
+        an interrupted shard resumes after its last saved batch."""
         import torch
 
+        parts = ShardParts(self.output_dir, shard, self.parts_stamp(tar_path))
+        rows, n_new_tokens, done_batches = parts.load()
+        self.resumed_rows = len(rows)
         dataset = ShardBatches(tar_path, self.captioner.processor, self.template, self.section)
+        dataset.start_chunk = done_batches
         loader = self.loader(dataset, prefetch=4, pin_memory=self.device.startswith("cuda"))
         shard_seed = self.section.seed + zlib.crc32(shard.encode())
-        rows: list[dict[str, Any]] = []
-        n_new_tokens = 0
+        pending: list[dict[str, Any]] = []
+        pending_tokens = pending_batches = 0
         progress = self.progress(shard)
+        progress.update(len(rows))
         waiting = 0.0
         batches = None
         try:
@@ -601,9 +677,13 @@ class ShardCaptioner(CaptionWriter):
                 if batch.shard_error:
                     raise ShardError(batch.shard_error)
                 batch_rows, n_new = self.batch_rows(batch, shard_seed)
-                rows.extend(batch_rows)
-                n_new_tokens += n_new
+                pending.extend(batch_rows)
+                pending_tokens, pending_batches = pending_tokens + n_new, pending_batches + 1
                 progress.update(len(batch_rows))
+                if pending_batches == self.section.checkpoint_every_batches:
+                    parts.save(pending, pending_tokens, pending_batches)
+                    rows, n_new_tokens = rows + pending, n_new_tokens + pending_tokens
+                    pending, pending_tokens, pending_batches = [], 0, 0
         except (RuntimeError, OSError) as exc:
             if self.stop.requested:  # e.g. a worker killed by the same stop signal
                 raise StopRequested(str(exc)) from exc
@@ -614,7 +694,16 @@ class ShardCaptioner(CaptionWriter):
             del loader
         if torch.cuda.is_available() and self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return rows, n_new_tokens, waiting
+        self.finished_parts = parts
+        return rows + pending, n_new_tokens + pending_tokens, waiting
+
+    def parts_stamp(self, tar_path: Path) -> str:
+        """Saved parts are used only by a run with the same outputs and batches."""
+        from recaption.config import fingerprint
+        from recaption.ledger import file_signature
+
+        section = self.section.fingerprint_dict()
+        return fingerprint([section, self.section.batch_size, file_signature(tar_path)])
 
     # The benchmark and older callers know the loop by this name.
     caption_batches = caption_rows
@@ -923,6 +1012,9 @@ class CaptionStage(ShardedStage):
 
     def process(self, shard: str) -> dict[str, Any]:
         return self.worker.caption_shard(shard)
+
+    def extra_outputs(self, shard: str) -> list[Path]:
+        return list((self.output_dir / "_parts").glob(f"{shard}-*"))
 
     def teardown(self) -> None:
         """Stop the server the stage started (every exit path: done, failed, stopped)."""

@@ -165,3 +165,33 @@ def test_done_shard_with_a_truncated_parquet_is_captioned_again(
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "1 shard(s) done now" in rerun.stderr
     assert captions_of(run_dir) == reference
+
+
+def test_kill_mid_shard_resumes_after_the_last_saved_batch(make_run, reference, captions_of):
+    run_dir, config = make_run("parts")
+    every_batch = "caption.checkpoint_every_batches=1"
+    parts = run_dir / "captions" / "_parts"
+    proc = subprocess.Popen(
+        _cli(config, every_batch, "-q"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(parts.glob("00001-*/part-000000.parquet")):
+            assert proc.poll() is None, "the run ended before shard 00001 saved a batch"
+            assert time.monotonic() < deadline, "no batch of shard 00001 saved within 120 s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-shard: its second batch is under way
+    finally:
+        proc.wait(timeout=120)
+    assert not (run_dir / "captions" / "00001_stats.json").exists()
+
+    rerun = subprocess.run(_cli(config, every_batch), env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "shard 00001 resumes after 1 saved batch(es) (3 rows)" in rerun.stderr
+    assert _stats(run_dir, "00001")["n_resumed"] == 3  # only the other 3 images captioned again
+    assert captions_of(run_dir) == reference
+    assert not list(parts.iterdir())  # parts go once the shard's file is written
