@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from recaption.caption_rules import caption_hash
+from recaption.caption_rules import RunInputs, build_rules, caption_hash
 from recaption.config import FilterConfig, RunConfig
-from recaption.stages.filter import build_rules, filter_table
+from recaption.stages.filter import filter_table
 from recaption.stages.merge import merge_shard
 
 SUBJECTS = ["a red car", "two dogs", "an old lighthouse", "a bowl of ramen", "a woman", "a city"]
@@ -77,6 +77,21 @@ def make_captions(n: int, seed: int = 0) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
+def text_token_counter() -> object:
+    """Token counts with a fast CLIP tokenizer loaded through AutoTokenizer, as the filter
+    stage loads the teacher's (the demo's tokenizer: a small vocabulary, the same code)."""
+    from transformers import AutoTokenizer
+
+    from recaption.demo.tiny_models import build_tiny_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_clip_tokenizer().save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    backend = tokenizer.backend_tokenizer  # what the filter stage calls
+    backend.no_truncation()
+    return lambda text: len(backend.encode(text).ids)
+
+
 def bench_filter(n: int) -> None:
     table = make_captions(n)
     captions = table.column("caption").to_pylist()
@@ -85,11 +100,21 @@ def bench_filter(n: int) -> None:
     hash_s = time.perf_counter() - t0
     counts = {h: 1 for h in hashes}
     results = {}
-    for label, section in (
-        ("all rules (lingua included)", FilterConfig()),
-        ("all rules, language rule off", FilterConfig(keep_languages=[])),
+    count_tokens = text_token_counter()
+    for label, section, inputs in (
+        ("all rules (lingua included)", FilterConfig(), RunInputs(duplicate_counts=counts)),
+        (
+            "all rules, language rule off",
+            FilterConfig(keep_languages=[]),
+            RunInputs(duplicate_counts=counts),
+        ),
+        (
+            "all rules + 77-token rule",
+            FilterConfig(),
+            RunInputs(duplicate_counts=counts, count_text_tokens=count_tokens),
+        ),
     ):
-        rules = build_rules(section, counts)
+        rules = build_rules(section, inputs)
         filter_table(table.slice(0, 2000), rules)  # warm up lingua's models
         t0, c0 = time.perf_counter(), time.process_time()
         _, stats = filter_table(table, rules, caption_hashes=np.array(hashes))
@@ -131,7 +156,7 @@ def bench_merge(n: int, image_kb: int, workdir: Path) -> None:
             )
     captions = make_captions(n)
     pq.write_table(captions, config.captions_dir / f"{shard}.parquet")
-    rules = build_rules(FilterConfig(keep_languages=[]), {})
+    rules = build_rules(FilterConfig(keep_languages=[]), RunInputs(duplicate_counts={}))
     filtered, stats = filter_table(captions, rules)
     pq.write_table(filtered, config.filtered_dir / f"{shard}.parquet")
     kept_fraction = stats["n_kept"] / n

@@ -463,10 +463,11 @@ class FilterStage(ShardedStage):
         tokenizer = load_text_tokenizer(resolve_model(self.config, spec))
         logger.info("filter: measuring captions in %s tokens (%s)", type(tokenizer).__name__, spec)
 
-        def count(text: str) -> int:
-            return len(tokenizer(text, truncation=False)["input_ids"])
-
-        return count
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # a fast tokenizer: its Rust encoder, without the wrapper
+            backend.no_truncation()
+            return lambda text: len(backend.encode(text).ids)
+        return lambda text: len(tokenizer(text, truncation=False)["input_ids"])
 
     def stage_config(self) -> dict[str, Any]:
         # The tokenizer taken from train.teacher decides outputs too.
