@@ -705,9 +705,6 @@ class ShardCaptioner(CaptionWriter):
         section = self.section.fingerprint_dict()
         return fingerprint([section, self.section.batch_size, file_signature(tar_path)])
 
-    # The benchmark and older callers know the loop by this name.
-    caption_batches = caption_rows
-
 
 class ApiShardCaptioner(CaptionWriter):
     """The ``openai`` backend: chat-completions requests to a serving engine.

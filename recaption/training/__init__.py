@@ -1,1 +1,2 @@
-"""The training stage's parts: the data stream (``data``)."""
+"""The training stage's parts: the data stream (``data``), the distiller (``distiller``)
+and checkpoints with the training record (``checkpoints``)."""

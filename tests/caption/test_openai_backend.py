@@ -27,9 +27,9 @@ import pytest
 from recaption.chat_captions import generation_options, image_data_url, model_view
 from recaption.config import CaptionConfig, ConfigError, load_config
 from recaption.serving import command_problem, endpoint_problem, free_port, port_open
+from tests.caption.conftest import cli_env
 
 FAKE_SCRIPT = Path(__file__).with_name("fake_openai_server.py")
-REPO = Path(__file__).resolve().parents[2]
 SECRET = "sk-test-0123456789abcdef-do-not-leak"
 PROMPT = "Caption this image. Its original text was: {alt_text}"
 
@@ -79,15 +79,6 @@ def api_config(make_config):
         return make_config(run_dir, **settings)
 
     return make
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", NO_ALBUMENTATIONS_UPDATE="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID"):
-        env.pop(name, None)
-    return env
 
 
 def _cli(config: Path, *overrides: str) -> list[str]:
@@ -532,7 +523,7 @@ def test_killing_the_client_mid_shard_then_rerunning_equals_an_uninterrupted_run
     run_dir, config = runs["killed"]
     before = server.state.stats()["requests"]
     process = subprocess.Popen(
-        _cli(config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cli(config), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         # Mid-shard 00001: shard 00000 is done and some of 00001's requests were answered.
@@ -645,7 +636,7 @@ def test_the_managed_server_is_gone_after_the_stage_is_stopped(
     shard_writer(run_dir / "images", "00000", samples(0, 30))
     config = _managed(api_config, run_dir, "--delay", "0.2", concurrency=1)
     process = subprocess.Popen(
-        _cli(config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cli(config), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         _wait(_server_state(run_dir).exists, 60, "the server to start")

@@ -28,6 +28,7 @@ from PIL import Image
 
 from recaption.demo.models import build_demo_model
 from recaption.serving import ManagedServer, port_open
+from tests.caption.conftest import cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {"batch_size": 4, "max_new_tokens": 6, "num_workers": 1}
 SERVE = "transformers serve --host {host} --port {port} {model}"
 COMPARED = ("caption", "n_new_tokens", "n_prompt_tokens", "status", "error", "prompt")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", NO_ALBUMENTATIONS_UPDATE="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID"):
-        env.pop(name, None)
-    return env
 
 
 def _awkward() -> list[dict[str, Any]]:
@@ -184,7 +176,7 @@ def test_the_demo_config_captions_through_transformers_serve_with_one_override(
         f"demo.models_dir={models_dir}",
     ]
     result = subprocess.run(
-        command, env=_env(), capture_output=True, text=True, timeout=600, check=False
+        command, env=cli_env(), capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stderr[-4000:]
     ((pid, port),) = _started(result.stderr)
@@ -218,7 +210,7 @@ def test_transformers_serve_killed_mid_shard_fails_it_and_a_rerun_completes_it(
     command = [sys.executable, "-m", "recaption", "caption", str(config)]
     output = tmp_path / "stage.log"
     with output.open("wb") as sink:
-        process = subprocess.Popen(command, env=_env(), stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=cli_env(), stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         answered = 0
@@ -242,7 +234,7 @@ def test_transformers_serve_killed_mid_shard_fails_it_and_a_rerun_completes_it(
     # The rerun goes to the module's running server: where the server runs is operational.
     moved = [f"caption.endpoint={serve.endpoint}", "caption.server.command=null"]
     rerun = subprocess.run(
-        command + moved, env=_env(), capture_output=True, text=True, timeout=600, check=False
+        command + moved, env=cli_env(), capture_output=True, text=True, timeout=600, check=False
     )
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert "1 done before" in rerun.stderr

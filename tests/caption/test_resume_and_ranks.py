@@ -12,18 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.caption.conftest import cli_env
+
 SHARDS = {"00000": 6, "00001": 6, "00002": 6, "00003": 5}
 SETTINGS = {"batch_size": 3, "max_new_tokens": 8, "num_workers": 1}
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    repo = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", NO_ALBUMENTATIONS_UPDATE="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID"):
-        env.pop(name, None)
-    return env
 
 
 def _cli(config: Path, *args: str) -> list[str]:
@@ -61,7 +53,7 @@ def _interrupt_after(config: Path, marker: Path, sig: signal.Signals) -> int:
     """Start the stage, send ``sig`` to its process group once ``marker`` appears."""
     proc = subprocess.Popen(
         _cli(config, "-q"),
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: the DataLoader worker gets it too
@@ -95,7 +87,7 @@ def test_sigterm_then_sigkill_mid_shard_then_rerun_equals_an_uninterrupted_run(
     assert code == -signal.SIGKILL
     assert sorted(captions_of(run_dir)) == ["00000", "00001"]
 
-    rerun = subprocess.run(_cli(config, "-q"), env=_env(), capture_output=True, text=True)
+    rerun = subprocess.run(_cli(config, "-q"), env=cli_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     after = captions_of(run_dir)
     assert after == reference
@@ -111,7 +103,7 @@ def test_two_ranks_by_option_together_equal_one_process(make_run, reference, cap
     procs = [
         subprocess.Popen(
             _cli(config, "-q", "--rank", str(rank), "--world-size", "2"),
-            env=_env(),
+            env=cli_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -142,7 +134,7 @@ def test_torchrun_two_cpu_processes_equal_one_process(make_run, reference, capti
         str(config),
         "-q",
     ]
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert captions_of(run_dir) == reference
     ranks = [_stats(run_dir, shard)["rank"] for shard in sorted(SHARDS)]
@@ -154,14 +146,14 @@ def test_done_shard_with_a_truncated_parquet_is_captioned_again(
     make_run, reference, captions_of
 ) -> None:
     run_dir, config = make_run("truncated")
-    assert subprocess.run(_cli(config, "-q"), env=_env(), check=False).returncode == 0
+    assert subprocess.run(_cli(config, "-q"), env=cli_env(), check=False).returncode == 0
     parquet = run_dir / "captions" / "00001.parquet"
     parquet.write_bytes(parquet.read_bytes()[:100])  # cut short; its done marker stays
     status = subprocess.run(
-        [*_cli(config)[:3], "status", str(config)], env=_env(), capture_output=True, text=True
+        [*_cli(config)[:3], "status", str(config)], env=cli_env(), capture_output=True, text=True
     )
     assert "00001.parquet is unreadable" in status.stdout
-    rerun = subprocess.run(_cli(config), env=_env(), capture_output=True, text=True)
+    rerun = subprocess.run(_cli(config), env=cli_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "1 shard(s) done now" in rerun.stderr
     assert captions_of(run_dir) == reference
@@ -173,7 +165,7 @@ def test_kill_mid_shard_resumes_after_the_last_saved_batch(make_run, reference, 
     parts = run_dir / "captions" / "_parts"
     proc = subprocess.Popen(
         _cli(config, every_batch, "-q"),
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -189,7 +181,7 @@ def test_kill_mid_shard_resumes_after_the_last_saved_batch(make_run, reference, 
         proc.wait(timeout=120)
     assert not (run_dir / "captions" / "00001_stats.json").exists()
 
-    rerun = subprocess.run(_cli(config, every_batch), env=_env(), capture_output=True, text=True)
+    rerun = subprocess.run(_cli(config, every_batch), env=cli_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "shard 00001 resumes after 1 saved batch(es) (3 rows)" in rerun.stderr
     assert _stats(run_dir, "00001")["n_resumed"] == 3  # only the other 3 images captioned again
