@@ -1,13 +1,14 @@
 """A small, realistic stand-in for LAION-aesthetics-V2 6+, drawn on the spot.
 
 Each image shows one to three coloured shapes (circle, square, triangle, star, ...) of several
-sizes at several positions on a plain, gradient or textured background, at varied sizes and
-aspect ratios. The metadata parquet uses LAION's real column names and LAION's faults: short,
-noisy alt-texts (file names, one or two words, keyword spam, empty, other languages), aesthetic
+sizes, each at its own position of a 3x3 grid and the largest (the main object) drawn first,
+on a plain, gradient or textured background, at varied sizes and aspect ratios.
+The metadata parquet uses LAION's real column names and LAION's faults: short, noisy
+alt-texts (file names, one or two words, keyword spam, empty, other languages), aesthetic
 scores spread around 6 so the ``>= 6`` filter matters, plausible punsafe / pwatermark values,
 and a handful of bad URLs (404, a non-image body, a truncated JPEG, a server that hangs, an
 ``X-Robots-Tag: noai`` header). The ground truth of every image is kept in ``truth.parquet``,
-which the pipeline never reads.
+which only the caption-accuracy measurement reads.
 
 URLs are written against the placeholder host ``DEMO_HOST``; :mod:`recaption.demo.server`
 serves the world and the download stage swaps the placeholder for the server's address.
@@ -34,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 logger = logging.getLogger(__name__)
 
 DEMO_HOST = "http://demo.invalid"
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -161,11 +162,14 @@ def draw_image(rng: random.Random) -> tuple[Image.Image, dict[str, object]]:
     image, background = _background(rng, w, h)
     draw = ImageDraw.Draw(image)
     objects = []
-    for _ in range(rng.choice((1, 1, 1, 2, 2, 3))):
+    n_objects = rng.choice((1, 1, 1, 2, 2, 3))
+    positions = rng.sample(sorted(POSITIONS), n_objects)
+    sizes = sorted((rng.choice(sorted(SIZES)) for _ in range(n_objects)), key=SIZES.__getitem__)
+    # Largest first, each at its own grid position: a later (smaller or equal) shape never
+    # hides an earlier one completely, and the first object, the main one, is the largest.
+    for size, position in zip(reversed(sizes), positions, strict=True):
         shape = rng.choice(SHAPES)
         colour = rng.choice([c for c in COLOURS if c not in background["colour"]])
-        size = rng.choice(sorted(SIZES))
-        position = rng.choice(sorted(POSITIONS))
         fx, fy = POSITIONS[position]
         r = SIZES[size] * min(w, h)
         cx, cy = fx * w, fy * h
