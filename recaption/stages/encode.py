@@ -35,7 +35,7 @@ import torch
 from recaption.driver import ShardedStage
 from recaption.ledger import atomic_path
 from recaption.shards import iter_samples_by_key
-from recaption.training.data import cache_config, decode_sample
+from recaption.training.data import cache_config, decode_sample, original_prompt
 from recaption.training.distiller import TORCH_DTYPES, add_time_ids
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ class EncodeStage(ShardedStage):
         rows = {"latents_mean": dist.mean, "latents_std": dist.std}
         rows["prompt_embeds"], rows["pooled_embeds"] = self.embed([b["synthetic"] for b in batch])
         if with_original:
-            originals = [b["original"] or b["synthetic"] for b in batch]
+            cfg = self.config.train
+            originals = [original_prompt(b["original"], b["synthetic"], cfg) for b in batch]
             rows["prompt_embeds_original"], rows["pooled_embeds_original"] = self.embed(originals)
         rows["time_ids"] = add_time_ids(
             [b["original_size"] for b in batch],

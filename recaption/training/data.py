@@ -194,7 +194,7 @@ def cached_sample(
     augmentation (kept from encoding: the draw is consumed, not used) and the caption."""
     time_ids = tensors["time_ids"]
     draw_augmentation(rng, (int(time_ids[0]), int(time_ids[1])), config)
-    choice = choose_caption(rng, True, config)  # without an alt-text, "original" is synthetic
+    choice = choose_caption(rng, config)  # encode stored original_prompt() for "original"
     suffix = {"synthetic": "", "original": "_original"}.get(choice)
     if suffix is None:
         prompt, pooled = tensors["empty_prompt_embeds"], tensors["empty_pooled_embeds"]
@@ -212,13 +212,22 @@ def cached_sample(
     }
 
 
-def choose_caption(rng: random.Random, has_original: bool, config: TrainConfig) -> str:
+def choose_caption(rng: random.Random, config: TrainConfig) -> str:
     """Which caption a sample is trained on this time: ``synthetic``, ``original`` (the
-    alt-text, ``1 - synthetic_caption_ratio`` of the time) or ``empty`` (``empty_prompt_ratio``,
-    for classifier-free guidance)."""
-    use_synthetic = rng.random() < config.synthetic_caption_ratio or not has_original
+    alt-text, ``1 - synthetic_caption_ratio`` of the time; see :func:`original_prompt`) or
+    ``empty`` (``empty_prompt_ratio``, for classifier-free guidance)."""
+    use_synthetic = rng.random() < config.synthetic_caption_ratio
     choice = "synthetic" if use_synthetic else "original"
     return "empty" if rng.random() < config.empty_prompt_ratio else choice
+
+
+def original_prompt(original: str, synthetic: str, config: TrainConfig) -> str:
+    """The text an ``original`` draw trains on: the alt-text. A sample without one trains on
+    its synthetic caption in a mix (``0 < synthetic_caption_ratio``); at ratio 0, the alt-text
+    baseline, it stays empty, so that arm never sees a synthetic caption."""
+    if original or config.synthetic_caption_ratio == 0:
+        return original
+    return synthetic
 
 
 class TrainingSamples(torch.utils.data.IterableDataset):
@@ -327,8 +336,13 @@ class TrainingSamples(torch.utils.data.IterableDataset):
         decoded = decode_sample(sample, shard, rng, self.config)
         if decoded is None:
             return None
-        choice = choose_caption(rng, bool(decoded["original"]), self.config)
-        decoded["caption"] = "" if choice == "empty" else decoded[choice]
+        choice = choose_caption(rng, self.config)
+        if choice == "original":
+            decoded["caption"] = original_prompt(
+                decoded["original"], decoded["synthetic"], self.config
+            )
+        else:
+            decoded["caption"] = "" if choice == "empty" else decoded[choice]
         return decoded
 
 

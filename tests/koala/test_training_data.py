@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from recaption.config import TrainConfig
-from recaption.training.data import TrainingSamples, reader_units, resume_positions
+from recaption.training.data import (
+    TrainingSamples,
+    original_prompt,
+    reader_units,
+    resume_positions,
+)
 from tests.koala.conftest import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,3 +120,14 @@ def test_two_processes_on_uneven_shards_take_the_same_steps(make_run, tmp_path: 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (config.koala_dir / "pipeline" / "model_index.json").exists()
     assert (config.koala_dir / "checkpoints" / "checkpoint-00000004").is_dir()
+
+
+def test_the_alt_text_baseline_never_trains_on_a_synthetic_caption() -> None:
+    """At synthetic_caption_ratio 0 a sample without alt-text trains on the empty prompt; in a
+    mix it falls back to its synthetic caption; an alt-text is always used as it is."""
+    baseline = TrainConfig(synthetic_caption_ratio=0.0)
+    mix = TrainConfig(synthetic_caption_ratio=0.5)
+    assert original_prompt("", "a red circle", baseline) == ""
+    assert original_prompt("", "a red circle", mix) == "a red circle"
+    assert original_prompt("IMG_0001.jpg", "a red circle", baseline) == "IMG_0001.jpg"
+    assert original_prompt("IMG_0001.jpg", "a red circle", mix) == "IMG_0001.jpg"
