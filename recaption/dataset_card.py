@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
+from recaption.caption_accuracy import accuracy_rows
 from recaption.config import RunConfig
 from recaption.ledger import atomic_path
 from recaption.schemas import DATASET_SCHEMA, IMAGE_TYPE, hf_features
@@ -430,6 +431,38 @@ def _length_and_clip_lines(stats: dict[str, Any], facts: _CardFacts) -> list[str
     return lines
 
 
+def _accuracy_lines(stats: dict[str, Any]) -> list[str]:
+    """A demo run's caption accuracy against the world's ground truth, when it was measured."""
+    accuracy = stats.get("caption_accuracy")
+    if not accuracy:
+        return []
+    # Labels and percentages are recaption's own strings: markdown as they are.
+    rows = [[Markdown(cell) for cell in row] for row in accuracy_rows(accuracy)]
+    skipped = int(accuracy.get("n_without_truth") or 0)
+    return [
+        "## Caption accuracy against ground truth",
+        "",
+        f"The demo world records what every image shows; both captions of the "
+        f"{int(accuracy.get('n') or 0)} kept samples were read back for the shapes, colours, "
+        "positions and counts they state and compared with it"
+        + (f" (left out: {skipped} without a ground-truth row)" if skipped else "")
+        + ". Right and false are fractions of all samples; a caption that does not state an "
+        "attribute is neither.",
+        "",
+        _table(
+            [
+                "attribute",
+                "synthetic: right",
+                "synthetic: false",
+                "alt-text: right",
+                "alt-text: false",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
 def _files_lines(config: RunConfig) -> list[str]:
     """The "Files" section (what each folder holds) and "Loading" (code snippets)."""
     return [
@@ -466,6 +499,7 @@ def render_card(config: RunConfig, stats: dict[str, Any]) -> str:
         *_caption_lines(config, facts),
         *_count_lines(facts),
         *_length_and_clip_lines(stats, facts),
+        *_accuracy_lines(stats),
         *_files_lines(config),
         *_terms_lines(config),
     ]

@@ -2,8 +2,10 @@
 
 Everything here is read back from the stages' ledgers and outputs on disk, so the numbers say
 what was actually written: counts at every stage and per rejection reason, per shard, and
-caption length statistics of the original alt-text against the synthetic caption. Rendering
-them is :mod:`recaption.dataset_card` (``README.md``) and :mod:`recaption.report` (HTML).
+caption length statistics of the original alt-text against the synthetic caption, and, for a
+demo run, both captions' accuracy against the demo world's ground truth
+(:mod:`recaption.caption_accuracy`). Rendering them is :mod:`recaption.dataset_card`
+(``README.md``) and :mod:`recaption.report` (HTML).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recaption.caption_accuracy import accuracy_table, load_truth, match_truth
 from recaption.config import RunConfig
 from recaption.ledger import FAILED_SUFFIX, LEDGER_DIR, STATS_SUFFIX, list_shards
 
@@ -190,6 +194,53 @@ def _clip_summary(config: RunConfig, shards: list[str]) -> dict[str, Any] | None
     }
 
 
+def _caption_accuracy(config: RunConfig, shards: list[str]) -> dict[str, Any] | None:
+    """Both captions of the kept samples scored against the demo world's ground truth.
+
+    Only for a demo run whose world has a ``truth.parquet``; ``None`` otherwise, or (with a
+    warning) when the truth or a parquet file cannot be read: the numbers never block the
+    dataset. Samples whose URL has no truth row are left out and counted.
+    """
+    truth_path = config.demo_world_dir / "truth.parquet"
+    if not config.demo.enabled or not truth_path.exists():
+        return None
+    try:
+        return _score_captions(config, shards, truth_path)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, pa.ArrowException) as exc:
+        logger.warning("caption accuracy left out: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _score_captions(config: RunConfig, shards: list[str], truth_path: Path) -> dict[str, Any]:
+    """Score the kept samples' synthetic captions and alt-texts against ``truth_path``."""
+    truth = load_truth(truth_path)
+    files = [config.dataset_dir / "parquet" / f"{shard}.parquet" for shard in shards]
+    synthetic: list[tuple[str | None, dict[str, Any]]] = []
+    alt_text: list[tuple[str | None, dict[str, Any]]] = []
+    without_truth = 0
+    for path in files:
+        if not path.exists():
+            continue
+        rows = pq.read_table(path, columns=["url", "synthetic_caption", "original_text"])
+        rows = rows.to_pydict()
+        matched = match_truth(rows["url"], truth)
+        for attributes, ours, theirs in zip(
+            matched, rows["synthetic_caption"], rows["original_text"], strict=True
+        ):
+            if attributes is None:
+                without_truth += 1
+                continue
+            synthetic.append((ours, attributes))
+            alt_text.append((theirs, attributes))
+    return {
+        "truth": str(truth_path),
+        "n": len(synthetic),
+        "n_without_truth": without_truth,
+        "synthetic": accuracy_table(synthetic),
+        "alt_text": accuracy_table(alt_text),
+    }
+
+
 def collect_dataset_stats(config: RunConfig, shards: list[str]) -> dict[str, Any]:
     """Counts at every stage, per shard and per reason, and caption statistics (JSON-able)."""
     stats: dict[str, Any] = {"source": config.merge.source_description, "shards": shards}
@@ -204,4 +255,7 @@ def collect_dataset_stats(config: RunConfig, shards: list[str]) -> dict[str, Any
     clip = _clip_summary(config, shards)
     if clip is not None:
         stats["clip_score"] = clip
+    accuracy = _caption_accuracy(config, shards)
+    if accuracy is not None:
+        stats["caption_accuracy"] = accuracy
     return stats

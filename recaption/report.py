@@ -2,7 +2,8 @@
 
 Plots (matplotlib, Agg backend, PNG): caption length histograms (original alt-text against
 synthetic caption), rejections by reason and CLIP-score histograms when they were computed.
-``index.html`` embeds them as data URIs, with the per-shard count table and example images
+``index.html`` embeds them as data URIs, with the per-shard count table, a demo run's caption
+accuracy against the world's ground truth (``stats["caption_accuracy"]``) and example images
 (JPEG thumbnails) beside their original alt-text and synthetic caption, so it can be opened or
 mailed as one file.
 
@@ -39,6 +40,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow.parquet as pq
 
+from recaption.caption_accuracy import accuracy_rows
 from recaption.config import RunConfig
 from recaption.dataset_stats import word_counts
 from recaption.images import IMAGE_EXTENSIONS, decode_image
@@ -316,6 +318,7 @@ body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; 
 table { border-collapse: collapse; font-size: 0.9em; }
 td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
 tr.bad td { background: #fdd; }
+th.label { text-align: left; font-weight: normal; }
 img { max-width: 100%; }
 figure { margin: 1em 0; }
 .examples { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr));
@@ -357,6 +360,37 @@ def _clip_section(plots: dict[str, Path | None]) -> str:
     if not plots.get("clip_scores"):
         return ""
     return "<h2>CLIP scores</h2>" + _img_tag(plots["clip_scores"], "CLIP score histograms")
+
+
+def _accuracy_section(stats: dict[str, Any]) -> str:
+    """The caption-accuracy table of a demo run (synthetic vs alt-text), or nothing."""
+    accuracy = stats.get("caption_accuracy")
+    if not accuracy:
+        return ""
+    esc = html.escape
+    head = ["", "synthetic: right", "synthetic: false", "alt-text: right", "alt-text: false"]
+    rows = "".join(
+        '<tr><th class="label">'
+        + esc(str(row[0]))
+        + "</th>"
+        + "".join(f"<td>{esc(str(cell))}</td>" for cell in row[1:])
+        + "</tr>"
+        for row in accuracy_rows(accuracy)
+    )
+    skipped = int(accuracy.get("n_without_truth") or 0)
+    return (
+        "<h2>Caption accuracy against ground truth</h2>"
+        f"<p>{_number(accuracy.get('n'))} kept samples of the demo world, each caption read "
+        "back for the attributes it states and compared with what the image shows "
+        f"(<code>{esc(str(accuracy.get('truth', '')))}</code>"
+        + (f"; left out: {skipped} without a ground-truth row" if skipped else "")
+        + "). Right and false are fractions of all samples; a caption that does not state an "
+        "attribute is neither.</p><table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in head)
+        + "</tr>"
+        + rows
+        + "</table>"
+    )
 
 
 def _problem_section(problems: list[str] | None) -> str:
@@ -416,6 +450,7 @@ def render_html(
         else ""
     }
 {clip_section}
+{_accuracy_section(stats)}
 <h2>Examples (original alt-text and synthetic caption)</h2>
 {examples}
 <h2>Per shard (captions = kept + rejected + errors)</h2>
