@@ -81,12 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the stages in order, skipping finished shards",
-        description="Run download → caption → filter → merge → train → sample, "
-        "stopping at the first stage that fails.",
+        description="Run download → caption → filter → merge → (encode) → train → sample "
+        "(→ evaluate with evaluate.enabled), stopping at the first stage that fails.",
     )
     _add_common(p)
     p.add_argument("--from", dest="from_stage", choices=stage_names, default=stage_names[0])
-    p.add_argument("--to", dest="to_stage", choices=stage_names, default=stage_names[-1])
+    p.add_argument(
+        "--to",
+        dest="to_stage",
+        choices=stage_names,
+        default=None,
+        help=f"last stage (default: {stage_names[-1]}; evaluate only with evaluate.enabled)",
+    )
     p = sub.add_parser(
         "status", help="per stage: shards done / failed / pending, samples ok / failed"
     )
@@ -141,10 +147,20 @@ def run_pipeline(config: RunConfig, args: argparse.Namespace, rank: int, world_s
     from recaption.stages import STAGES
 
     names = list(STAGES)
-    first, last = names.index(args.from_stage), names.index(args.to_stage)
+    to_stage = args.to_stage or names[-1]
+    first, last = names.index(args.from_stage), names.index(to_stage)
     if first > last:
-        raise ConfigError(f"--from {args.from_stage} comes after --to {args.to_stage}")
+        raise ConfigError(f"--from {args.from_stage} comes after --to {to_stage}")
+    # Evaluate runs when the config asks for it, or when --from/--to name it.
+    evaluate = config.evaluate.enabled or "evaluate" in (args.from_stage, args.to_stage)
     for name in names[first : last + 1]:
+        if name == "evaluate" and not evaluate:
+            logger.info(
+                "=== stage evaluate: skipped (evaluate.enabled is false; run it with "
+                "`recaption evaluate %s`) ===",
+                config.source,
+            )
+            continue
         logger.info("=== stage %s ===", name)
         code = run_stage(name, config, rank, world_size, args.overwrite)
         if code != EXIT_OK:

@@ -253,7 +253,8 @@ class CaptionConfig(Section):
 
     model: str = Field(
         "llava-hf/llava-1.5-7b-hf",
-        description="Hub id, local folder, or demo:NAME (a tiny model built on first use).",
+        description="Hub id, local folder, or demo:NAME (a demo model: trained and shipped, "
+        "or tiny and random, built on first use).",
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit of the model.")
     trust_remote_code: bool = Field(False, description="Run the checkpoint's own Python code.")
@@ -550,7 +551,9 @@ class TrainConfig(Section):
         ge=0,
         le=1,
         description="Share of samples trained on the synthetic caption; the others use the "
-        "original alt-text (1.0: KOALA-LLaVA-Caption; DALL-E 3 used 0.95, SD3 0.5).",
+        "original alt-text (1.0: KOALA-LLaVA-Caption; DALL-E 3 used 0.95, SD3 0.5). In a mix, "
+        "a sample without alt-text uses its synthetic caption; at 0 (the alt-text baseline) "
+        "it trains on the empty prompt.",
     )
     empty_prompt_ratio: float = Field(
         0.1, ge=0, le=1, description="Share of empty prompts (classifier-free guidance)."
@@ -641,6 +644,94 @@ class SampleConfig(Section):
     )
 
 
+class EvaluateConfig(Section):
+    """Evaluating the trained student on held-out prompts: CLIP score and judged attributes.
+
+    ``recaption evaluate`` samples the pipeline ``sample`` samples (``sample.model`` or
+    ``run_dir/koala/pipeline``) and writes ``run_dir/evaluation/``. A changed setting redoes
+    the evaluation (it is a measurement: nothing to protect), so no key needs ``--overwrite``.
+    """
+
+    operational_keys: ClassVar[frozenset[str]] = frozenset(
+        {"enabled", "batch_size", "device", "cpu_threads"}
+    )
+
+    enabled: bool = Field(
+        False,
+        description="`recaption run` evaluates after sample; `recaption evaluate` runs "
+        "whatever this says.",
+    )
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Held-out prompts. Empty: n_prompts prompts that describe() writes for a "
+        "held-out demo world (only meaningful for a model trained on the demo world).",
+    )
+    n_prompts: int = Field(24, gt=0, description="World prompts drawn when prompts is empty.")
+    world_seed: int = Field(
+        1_000_000_007,
+        description="Seed of the held-out world the prompts describe (far from demo.seed and "
+        "the demo models' training worlds); the judge is measured on world_seed + 1.",
+    )
+    world_prompts: Literal["judged", "all"] = Field(
+        "judged",
+        description="judged: only world images of the kinds the judge judges (a plain "
+        "background and one object); all: every image drawn.",
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1],
+        min_length=1,
+        description="Every prompt is sampled once per seed.",
+    )
+    num_inference_steps: int = Field(25, gt=0)
+    guidance_scale: float = 7.5
+    negative_prompt: str = "worst quality, low quality, illustration, low resolution"
+    height: int = Field(1024, gt=0, multiple_of=8, description="Divisible by 8 (the VAE's).")
+    width: int = Field(1024, gt=0, multiple_of=8, description="Divisible by 8 (the VAE's).")
+    with_teacher: bool = Field(
+        False, description="Also evaluate train.teacher on the same prompts and seeds."
+    )
+    clip_model: str | None = Field(
+        "openai/clip-vit-large-patch14",
+        description="CLIP checkpoint (hub id, folder or demo:NAME) scoring each sample against "
+        "its prompt; null: no CLIP score.",
+    )
+    judge: Literal["pixel"] | None = Field(
+        None,
+        description="Attribute judge. pixel: background and main-object colour read from the "
+        "demo world's flat palette (recaption/judge.py); null: none.",
+    )
+    judge_images: int = Field(
+        200,
+        ge=20,
+        description="Held-out world images per attribute on which the judge's own accuracy "
+        "is measured.",
+    )
+    judge_goal: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Judge accuracy an attribute needs for its sample accuracy to be trusted.",
+    )
+    batch_size: int = Field(4, gt=0)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
+    device: str | None = Field(None, description="Default: cuda:$LOCAL_RANK if CUDA, else cpu.")
+    cpu_threads: int | None = Field(
+        None, gt=0, description="torch threads when sampling on CPU; null: torch's default."
+    )
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_blank(cls, value: list[str]) -> list[str]:
+        for i, prompt in enumerate(value):
+            if not prompt.strip():
+                raise ValueError(
+                    f"prompt {i} is blank; remove it (an empty list means world prompts)"
+                )
+        return value
+
+
 class RunConfig(Section):
     """A whole run: the run directory and one section per stage."""
 
@@ -652,6 +743,7 @@ class RunConfig(Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     source: Path | None = Field(None, exclude=True, description="The YAML file it came from.")
 
@@ -720,6 +812,10 @@ class RunConfig(Section):
     def samples_dir(self) -> Path:
         return self.run_dir / "samples"
 
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.run_dir / "evaluation"
+
     def stage_dir(self, stage: str) -> Path:
         """The folder of a stage's done markers (its ``_ledger/`` subfolder holds the rest)."""
         return {
@@ -730,6 +826,7 @@ class RunConfig(Section):
             "train": self.koala_dir,
             "encode": self.cache_dir,
             "sample": self.samples_dir,
+            "evaluate": self.evaluation_dir,
         }[stage]
 
     @property

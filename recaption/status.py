@@ -149,7 +149,31 @@ def collect_status(config: RunConfig) -> dict[str, Any]:
         "grid": (config.samples_dir / "grid.png").exists(),
         "samples_parquet": (config.samples_dir / "samples.parquet").exists(),
     }
+    report["stages"]["evaluate"] = evaluation_status(config)
     return report
+
+
+def evaluation_status(config: RunConfig) -> dict[str, Any]:
+    """The headline of ``evaluation/evaluation.json`` (``{"written": False}`` before it)."""
+    path = config.evaluation_dir / "evaluation.json"
+    result = _read_json(path) if path.exists() else {}
+    if not result:
+        return {"written": False}
+    attributes = result.get("attributes") or {}
+    status: dict[str, Any] = {
+        "written": True,
+        "file": str(path),
+        "n_prompts": result.get("n_prompts"),
+        "n_samples": result.get("n_samples"),
+        "mean_clip_score": result.get("mean_clip_score"),
+    }
+    for attr in ("object_colour", "background_colour"):
+        values = attributes.get(attr) if isinstance(attributes, dict) else None
+        if isinstance(values, dict):
+            status[f"{attr}_accuracy"] = values.get("sample_accuracy")
+            status[f"{attr}_judge_accuracy"] = values.get("judge_accuracy")
+            status[f"{attr}_chance"] = values.get("chance")
+    return status
 
 
 def wall_clock_eta(
@@ -237,7 +261,29 @@ def format_status(report: dict[str, Any]) -> str:
     )
     sample = report["stages"]["sample"]
     lines.append(f"sample: grid {'written' if sample['grid'] else 'not written yet'}")
+    evaluation = report["stages"].get("evaluate") or {}
+    lines.append(f"evaluate: {_evaluation_line(evaluation)}")
     return "\n".join(lines)
+
+
+def _evaluation_line(evaluation: dict[str, Any]) -> str:
+    """``mean CLIP score 21.30, object colour accuracy 40.0% (judge 100.0%, chance 14.3%)``."""
+    if not evaluation.get("written"):
+        return "not written yet"
+
+    def percent(value: Any) -> str:
+        return "-" if not isinstance(value, (int, float)) else f"{100 * value:.1f}%"
+
+    clip = evaluation.get("mean_clip_score")
+    parts = [f"mean CLIP score {clip:.2f}" if isinstance(clip, (int, float)) else "no CLIP score"]
+    for attr in ("object_colour", "background_colour"):
+        if f"{attr}_accuracy" in evaluation:
+            parts.append(
+                f"{attr.replace('_', ' ')} accuracy {percent(evaluation[f'{attr}_accuracy'])} "
+                f"(judge {percent(evaluation.get(f'{attr}_judge_accuracy'))}, chance "
+                f"{percent(evaluation.get(f'{attr}_chance'))})"
+            )
+    return ", ".join(parts) + f" over {evaluation.get('n_samples')} samples"
 
 
 def where_to_look(config: RunConfig) -> list[str]:
@@ -246,6 +292,8 @@ def where_to_look(config: RunConfig) -> list[str]:
         ("dataset card", config.dataset_dir / "README.md"),
         ("report", config.dataset_dir / "report" / "index.html"),
         ("samples grid", config.samples_dir / "grid.png"),
+        ("evaluation", config.evaluation_dir / "evaluation.json"),
+        ("evaluation grid", config.evaluation_dir / "grid.png"),
         ("trained pipeline", config.koala_dir / "pipeline"),
     ]
     return [f"{label}: {path}" for label, path in candidates if path.exists()]

@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "encode": "recaption.stages.encode:EncodeStage",
     "train": "recaption.stages.train:TrainStage",
     "sample": "recaption.stages.sample:SampleStage",
+    "evaluate": "recaption.stages.evaluate:EvaluateStage",
 }
 
 STAGE_HELP: dict[str, str] = {
@@ -31,6 +32,7 @@ STAGE_HELP: dict[str, str] = {
     "encode": "precompute VAE latents and text embeddings for training (train.cache)",
     "train": "distil the SDXL teacher into a KOALA student on the new pairs (accelerate)",
     "sample": "sample the trained KOALA pipeline (Euler, 25 steps, guidance 7.5)",
+    "evaluate": "score the trained pipeline on held-out prompts: CLIP score, judged attributes",
 }
 
 __all__ = ["STAGES", "STAGE_HELP", "StageContext", "run", "stage_class"]
