@@ -1,9 +1,16 @@
 """Tiny models for the demo and the tests, named ``demo:NAME`` in a config.
 
-A config value such as ``caption.model: demo:tiny-llava-1.5`` resolves to a folder under the
-run's ``demo_models_dir``; the first use builds the model there (random weights, the same
-transformers/diffusers classes as the real checkpoints) and ``save_pretrained``-s it, so every
-stage then loads it through the very same ``from_pretrained`` path a hub checkpoint takes.
+Two kinds, both loaded by every stage through the very same ``from_pretrained`` path a hub
+checkpoint takes:
+
+- trained (:data:`SHIPPED`): ``demo:shapes-llava`` (the captioner), ``demo:shapes-sdxl`` (the
+  SDXL teacher) and ``demo:shapes-clip`` (the filter's and evaluation's CLIP) have learned the
+  demo world; their ``save_pretrained`` folders ship with the package under
+  ``recaption/demo/weights/`` and ``python -m recaption.demo.train_models`` reproduces them.
+- random (:data:`BUILDERS`): ``demo:tiny-llava-1.5`` and the other ``tiny-*`` names resolve to
+  a folder under the run's ``demo_models_dir``; the first use builds the model there (random
+  weights, the same transformers/diffusers classes as the real checkpoints). The fast tests
+  use them where only the shapes of models matter.
 """
 
 from __future__ import annotations
@@ -29,6 +36,27 @@ BUILDERS: dict[str, tuple[str, dict[str, str]]] = {
 }
 
 
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# name -> what it is; the folder is WEIGHTS_DIR / name.
+SHIPPED: dict[str, str] = {
+    "shapes-llava": "LLaVA-1.5 captioner trained on the demo world",
+    "shapes-sdxl": "SDXL pipeline (VAE, text encoders, U-Net) trained on the demo world",
+    "shapes-clip": "CLIP trained contrastively on demo-world images and descriptions",
+}
+
+
+def shipped_model(name: str) -> Path:
+    """The folder of trained demo model ``name``, shipped with the package."""
+    path = WEIGHTS_DIR / name
+    if not (path / "config.json").exists() and not (path / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"the trained demo model {name!r} is missing from {path}; this checkout lacks the "
+            "shipped weights: reinstall the package, or reproduce them with "
+            "python -m recaption.demo.train_models"
+        )
+    return path
+
+
 def build_demo_model(name: str, path: Path) -> Path:
     """Build tiny model ``name`` into ``path`` unless it is already there.
 
@@ -36,7 +64,8 @@ def build_demo_model(name: str, path: Path) -> Path:
     (several ranks starting at once) never see half a model.
     """
     if name not in BUILDERS:
-        raise ValueError(f"unknown demo model {name!r}; known: {', '.join(sorted(BUILDERS))}")
+        known = ", ".join(sorted([*BUILDERS, *SHIPPED]))
+        raise ValueError(f"unknown demo model {name!r}; known: {known}")
     path = Path(path)
     if path.exists():
         return path
@@ -56,8 +85,13 @@ def build_demo_model(name: str, path: Path) -> Path:
 
 
 def resolve_model(config: RunConfig, spec: str) -> str:
-    """A hub id or folder as given, or the folder of demo model ``demo:NAME`` (built if absent)."""
+    """A hub id or folder as given, or the folder of demo model ``demo:NAME``.
+
+    Trained demo models are the shipped folders; random ones are built on first use.
+    """
     if not spec.startswith(DEMO_PREFIX):
         return spec
     name = spec[len(DEMO_PREFIX) :]
+    if name in SHIPPED:
+        return str(shipped_model(name))
     return str(build_demo_model(name, config.demo_models_dir / name))

@@ -1,0 +1,83 @@
+"""Reproduce the demo's trained models: ``python -m recaption.demo.train_models``.
+
+Trains, on a CPU and from random weights, the three models the demo uses by default and writes
+their ``save_pretrained`` folders to ``recaption/demo/weights/`` (or ``--out``):
+
+- ``shapes-llava``: the captioner (:mod:`recaption.demo.train_llava`);
+- ``shapes-sdxl``: the SDXL teacher, VAE and text encoders included
+  (:mod:`recaption.demo.train_sdxl`);
+- ``shapes-clip``: the CLIP the filter and the evaluation score with
+  (:mod:`recaption.demo.train_clip`).
+
+Each is trained on demo-world images drawn fresh from seeds no demo run or test draws with, and
+records its seeds, steps, world version and measured quality in ``recaption_demo.json`` next to
+its weights. A folder is written beside its target and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from recaption.demo.models import SHIPPED, WEIGHTS_DIR
+
+logger = logging.getLogger(__name__)
+
+# name -> ("module:function", default steps)
+TRAINERS: dict[str, tuple[str, int]] = {
+    "shapes-llava": ("recaption.demo.train_llava:train_llava", 2400),
+    "shapes-sdxl": ("recaption.demo.train_sdxl:train_sdxl", 0),
+    "shapes-clip": ("recaption.demo.train_clip:train_clip", 0),
+}
+
+
+def train_model(name: str, out_dir: Path, steps: int | None = None) -> dict[str, Any]:
+    """Train demo model ``name`` into ``out_dir / name``; ``steps`` None is the shipped recipe."""
+    if name not in TRAINERS:
+        raise ValueError(f"unknown demo model {name!r}; trainable: {', '.join(TRAINERS)}")
+    target, default_steps = TRAINERS[name]
+    module, _, func = target.partition(":")
+    trainer = getattr(importlib.import_module(module), func)
+    final = Path(out_dir) / name
+    tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    kwargs: dict[str, Any] = {}
+    if steps is not None:
+        kwargs["steps"] = steps
+    elif default_steps:
+        kwargs["steps"] = default_steps
+    logger.info("training %s (%s) into %s", name, SHIPPED.get(name, name), final)
+    record = trainer(tmp, **kwargs)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: train the chosen (default: all) demo models."""
+    parser = argparse.ArgumentParser(
+        prog="python -m recaption.demo.train_models", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--only", action="append", choices=sorted(TRAINERS), help="train just this model"
+    )
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where the folders go")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="override the training steps (smoke runs)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for name in args.only or list(TRAINERS):
+        record = train_model(name, args.out, args.steps)
+        logger.info("%s: %s", name, json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
