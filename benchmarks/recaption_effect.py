@@ -9,7 +9,7 @@ same held-out prompts (descriptions of a demo world neither arm saw), and the tw
 are printed side by side with chance level: the judge's main-object and background colour
 accuracy of the samples, and their CLIP score.
 
-    python benchmarks/recaption_effect.py [--n-images 400] [--steps 400] [--work DIR]
+    python benchmarks/recaption_effect.py [--n-images 400] [--steps 400] [--work DIR] [KEY=VAL]
 
 A ``--work`` folder is reused: finished stages are not redone (the driver's markers), so a
 second call only prints again. Without it, a temporary folder is used and removed.
@@ -42,16 +42,20 @@ def recaption(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def prepare_dataset(base: Path, n_images: int) -> None:
+def prepare_dataset(base: Path, n_images: int, extra: list[str]) -> None:
     """Download, caption, filter and merge the demo world once, into ``base``."""
-    recaption("run", str(CONFIG), f"run_dir={base}", f"demo.n_images={n_images}", "--to", "merge")
+    overrides = [f"run_dir={base}", f"demo.n_images={n_images}", *extra]
+    recaption("run", str(CONFIG), *overrides, "--to", "merge")
 
 
-def run_arm(base: Path, arm_dir: Path, ratio: float, n_images: int, steps: int) -> dict[str, Any]:
+def run_arm(
+    base: Path, arm_dir: Path, ratio: float, n_images: int, steps: int, extra: list[str]
+) -> dict[str, Any]:
     """Train one arm on a copy of ``base``'s dataset, evaluate it; its evaluation.json."""
     if not arm_dir.exists():
         shutil.copytree(base, arm_dir, symlinks=True)
     overrides = [
+        *extra,
         f"run_dir={arm_dir}",
         f"demo.n_images={n_images}",
         f"train.synthetic_caption_ratio={ratio}",
@@ -67,14 +71,6 @@ def run_arm(base: Path, arm_dir: Path, ratio: float, n_images: int, steps: int) 
     return result
 
 
-def _get(data: dict[str, Any], *path: str) -> Any:
-    for key in path:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
-
-
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):5.1f}%"
 
@@ -82,27 +78,27 @@ def _pct(value: Any) -> str:
 def report(results: dict[str, dict[str, Any]]) -> str:
     """The two arms side by side, with chance level and the judge's own accuracy."""
     first = next(iter(results.values()))
-    attributes = sorted(_get(first, "student", "accuracy") or {})
-    lines = [
-        f"{'':28s}"
-        + "".join(f"{arm:>22s}" for arm in results)
-        + f"{'chance':>10s}"
-        + f"{'judge':>10s}"
-    ]
+    attributes = sorted(first.get("attributes") or {})
+    header = f"{'':24s}" + "".join(f"{arm:>20s}" for arm in results)
+    lines = [header + f"{'chance':>9s}{'judge':>9s}"]
     for name in attributes:
-        row = f"{name + ' accuracy':28s}"
+        row = f"{name + ' accuracy':24s}"
         for result in results.values():
-            row += f"{_pct(_get(result, 'student', 'accuracy', name)):>22s}"
-        row += f"{_pct(_get(first, 'chance', name)):>10s}"
-        row += f"{_pct(_get(first, 'judge', name, 'accuracy')):>10s}"
+            values = result["attributes"][name]
+            cell = f"{_pct(values['sample_accuracy'])} ({values['correct']}/{values['n']})"
+            row += f"{cell:>20s}"
+        values = first["attributes"][name]
+        row += f"{_pct(values['chance']):>9s}{_pct(values['judge_accuracy']):>9s}"
         lines.append(row)
-    row = f"{'CLIP score (mean)':28s}"
+    row = f"{'CLIP score (mean)':24s}"
     for result in results.values():
-        score = _get(result, "student", "clip_score")
-        row += f"{'-' if score is None else f'{score:.4f}':>22s}"
+        score = result.get("mean_clip_score")
+        row += f"{'-' if score is None else f'{score:.4f}':>20s}"
     lines.append(row)
-    n = _get(first, "n_samples")
-    lines.append(f"{n} samples an arm ({_get(first, 'n_prompts')} held-out prompts x seeds)")
+    lines.append(
+        f"{first['n_samples']} samples an arm: {first['n_prompts']} held-out prompts x "
+        f"{len(first['seeds'])} seeds; judge accuracy measured on held-out world images"
+    )
     return "\n".join(lines)
 
 
@@ -111,15 +107,20 @@ def main() -> int:
     parser.add_argument("--n-images", type=int, default=400, help="demo world size")
     parser.add_argument("--steps", type=int, default=400, help="training steps of each arm")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work or Path(tempfile.mkdtemp(prefix="recaption-effect-"))
     started = time.monotonic()
     try:
         base = work / "base"
-        prepare_dataset(base, args.n_images)
+        prepare_dataset(base, args.n_images, args.overrides)
         results = {
-            arm: run_arm(base, work / arm.split()[0], ratio, args.n_images, args.steps)
+            arm: run_arm(
+                base, work / arm.split()[0], ratio, args.n_images, args.steps, args.overrides
+            )
             for arm, ratio in ARMS
         }
     finally:

@@ -338,7 +338,7 @@ def pretrain_vision_tower(
     *,
     steps: int,
     bank_size: int,
-    batch_size: int = 128,
+    batch_size: int = 64,
     learning_rate: float = 2e-3,
 ) -> dict[str, float]:
     """Train the vision tower alone on :class:`AuxHeads`' classification of the ground truth.
@@ -446,14 +446,14 @@ def train_llava(
     out: Path,
     *,
     seed: int = 0,
-    steps: int = 1000,
+    steps: int = 800,
     batch_size: int = 32,
     learning_rate: float = 1.5e-3,
     warmup_steps: int = 150,
     threads: int = 1,
     eval_every: int = 0,
     aux_weight: float = 0.5,
-    vision_steps: int = 1800,
+    vision_steps: int = 1400,
     vision_bank_size: int = 12_000,
     eval_images: int = 256,
 ) -> dict[str, Any]:

@@ -172,6 +172,8 @@ def test_the_demo_config_captions_through_transformers_serve_with_one_override(
         "caption",
         str(REPO / "configs" / "demo.yaml"),
         "caption.backend=openai",
+        "caption.model=demo:tiny-llava-1.5",
+        "caption.max_new_tokens=24",
         f"run_dir={run_dir}",
         f"demo.models_dir={models_dir}",
     ]
@@ -187,7 +189,7 @@ def test_the_demo_config_captions_through_transformers_serve_with_one_override(
     rows = captions_of(run_dir)["00000"]
     assert len(rows) == 5 and all(r["status"] == "ok" for r in rows)
     assert all(r["model"].endswith("tiny-llava-1.5") for r in rows)
-    assert all(1 <= r["n_new_tokens"] <= 24 for r in rows)  # the demo's max_new_tokens
+    assert all(1 <= r["n_new_tokens"] <= 24 for r in rows)  # caption.max_new_tokens
 
 
 def test_transformers_serve_killed_mid_shard_fails_it_and_a_rerun_completes_it(

@@ -68,7 +68,7 @@ def test_every_stage_wrote_its_outputs(demo_run: Path) -> None:
     published = _parquet_rows(demo_run / "dataset" / "parquet")
     assert sorted(r["key"] for r in published) == sorted(kept)
     card = (demo_run / "dataset" / "README.md").read_text()
-    assert card.startswith("---\n") and "demo:tiny-llava-1.5" in card
+    assert card.startswith("---\n") and "demo:shapes-llava" in card
     assert (demo_run / "dataset" / "report" / "index.html").exists()
     assert main(["verify", str(REPO / "configs" / "demo.yaml"), f"run_dir={demo_run}"]) == 0
 
@@ -81,6 +81,32 @@ def test_every_stage_wrote_its_outputs(demo_run: Path) -> None:
     samples = pq.read_table(demo_run / "samples" / "samples.parquet").to_pylist()
     assert samples and all((demo_run / "samples" / r["file"]).exists() for r in samples)
     assert (demo_run / "samples" / "grid.png").exists()
+
+
+def test_the_demo_measures_its_captions_and_its_model(demo_run: Path) -> None:
+    """The kept captions are measured against the world's ground truth beside the alt-texts
+    (stats.json, the report), and clear what the shipped captioner clears on unseen images
+    (tests/caption/test_demo_captioner.py); the student is evaluated with a judge whose own
+    accuracy is measured."""
+    stats = json.loads((demo_run / "dataset" / "stats.json").read_text())
+    accuracy = stats["caption_accuracy"]
+    synthetic, alt_text = accuracy["synthetic"], accuracy["alt_text"]
+    assert accuracy["n"] >= 30 and accuracy["n_without_truth"] == 0
+    assert synthetic["attributes"]["main_colour"]["right"] >= 0.75, synthetic
+    assert synthetic["attributes"]["main_shape_colour"]["right"] >= 0.3, synthetic
+    assert synthetic["attributes"]["background_colour"]["right"] >= 0.3, synthetic
+    assert alt_text["attributes"]["background_colour"]["right"] <= 0.05, alt_text
+    html = (demo_run / "dataset" / "report" / "index.html").read_text()
+    assert "Caption accuracy against ground truth" in html
+
+    evaluation = json.loads((demo_run / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["n_samples"] == evaluation["n_prompts"] * len(evaluation["seeds"]) > 0
+    assert evaluation["mean_clip_score"] is not None
+    for name, values in evaluation["attributes"].items():
+        assert values["judge_accuracy"] >= 0.95, name
+        assert values["n"] > 0 and 0 <= values["sample_accuracy"] <= 1
+    assert (demo_run / "evaluation" / "grid.png").exists()
+    assert (demo_run / "evaluation" / "samples.parquet").exists()
 
 
 def test_rerun_is_a_no_op(demo_run: Path) -> None:
