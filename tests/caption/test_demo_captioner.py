@@ -82,3 +82,18 @@ def test_captions_of_an_unseen_world_beat_chance(
     originals = {r["key"]: r["original_text"] for r in _rows(run_dir / "captions")}
     baseline = accuracy_table(zip([originals[k] for k in keys], truths, strict=True))
     assert baseline["attributes"]["background_colour"]["right"] <= 0.05, baseline
+
+
+def test_train_models_reproduces_a_loadable_captioner(tmp_path: Path) -> None:
+    """`python -m recaption.demo.train_models --smoke --only shapes-llava` (a few steps) writes
+    a folder the caption stage's loader takes, with its training record."""
+    from recaption.demo.train_models import main as train_models
+    from recaption.models.llava import load_captioner
+
+    out = tmp_path / "weights"
+    assert train_models(["--smoke", "--only", "shapes-llava", "--out", str(out)]) == 0
+    record = json.loads((out / "shapes-llava" / "recaption_demo.json").read_text())
+    assert record["steps"] == 2 and record["train_image_seeds"][0] > UNSEEN_SEED
+    captioner = load_captioner(str(out / "shapes-llava"))
+    assert type(captioner.model).__name__ == "LlavaForConditionalGeneration"
+    assert not list(out.glob(".*tmp*")), "no half-written folder is left behind"
