@@ -29,12 +29,18 @@ from recaption.demo.models import SHIPPED, WEIGHTS_DIR
 
 logger = logging.getLogger(__name__)
 
-# name -> "module:function"; each is ``fn(out: Path, **kwargs) -> dict``, whose defaults are
-# the shipped recipe.
+# name -> "module:function"; each is ``fn(out: Path, **kwargs) -> dict``.
 TRAINERS: dict[str, str] = {
     "shapes-llava": "recaption.demo.train_llava:train_llava",
     "shapes-sdxl": "recaption.demo.train_sdxl:train_sdxl",
     "shapes-clip": "recaption.demo.train_clip:train_clip",
+}
+# The shipped weights' arguments where they differ from the trainer's defaults (each
+# folder's recaption_demo.json records them).
+RECIPES: dict[str, dict[str, Any]] = {
+    "shapes-llava": {},
+    "shapes-sdxl": {"steps": 900, "vae_steps": 450},
+    "shapes-clip": {"steps": 300},
 }
 # A smoke run's arguments (seconds, not minutes: the code path, not the quality).
 SMOKE: dict[str, dict[str, Any]] = {
@@ -53,7 +59,7 @@ def train_model(name: str, out_dir: Path, smoke: bool = False) -> dict[str, Any]
     final = Path(out_dir) / name
     tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    kwargs = SMOKE[name] if smoke else {}
+    kwargs = SMOKE[name] if smoke else RECIPES[name]
     logger.info("training %s (%s) into %s", name, SHIPPED.get(name, name), final)
     record = trainer(tmp, **kwargs)
     shutil.rmtree(final, ignore_errors=True)
