@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parents[2]
 SUBMIT = REPO / "jobs" / "submit.sh"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
-# A smaller demo world: 72 rows, shards of 10 (33 rows pass the pre-filter: four shards), a few
+# A smaller demo world: 64 rows, shards of 10 (40 rows pass the pre-filter: four shards), a few
 # training steps.
 DEMO_OVERRIDES = [
-    "demo.n_images=72",
+    "demo.n_images=64",
     "download.samples_per_shard=10",
     "train.max_steps=3",
     "train.batch_size=2",
