@@ -591,6 +591,13 @@ class TrainConfig(Section):
     feature_kd_weight: float = Field(
         1.0, ge=0, description="Sum of self-attention (attn1) feature MSEs."
     )
+    noise_offset: float = Field(
+        0.0,
+        ge=0,
+        description="Offset noise: add this times a per-channel constant to the noise "
+        "(diffusers' --noise_offset). Small latents need it: "
+        "their noisiest step still shows the image's mean colour.",
+    )
     use_ema: bool = True
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     max_steps: int = Field(1000, gt=0, description="Optimizer steps in total.")

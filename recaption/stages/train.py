@@ -301,6 +301,7 @@ def prepare(stage: TrainStage) -> Session:
         resolution=cfg.resolution,
         weights=(cfg.task_loss_weight, cfg.output_kd_weight, cfg.feature_kd_weight),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        noise_offset=cfg.noise_offset,
         scaling_factor=Distiller.vae_scaling_factor(stage.teacher_spec, cfg.teacher_revision)
         if cfg.cache
         else None,

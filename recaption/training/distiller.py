@@ -77,6 +77,21 @@ class Conditioning:
     time_ids: torch.Tensor
 
 
+def training_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise shaped like ``latents``, plus ``noise_offset`` times a constant per sample
+    and channel (offset noise, as diffusers' SDXL training script's ``--noise_offset``).
+
+    The offset hides the image's mean colour at the noisiest steps, where plain noise on small
+    latents still shows it; the model then learns that colour from the prompt, not from the
+    starting noise (which, at sampling time, carries no information)."""
+    noise = torch.randn_like(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(
+            (*latents.shape[:2], 1, 1), device=latents.device, dtype=latents.dtype
+        )
+    return noise
+
+
 class Distiller:
     """Teacher and student with their aligned self-attention hooks; one ``step`` a batch.
 
@@ -96,6 +111,7 @@ class Distiller:
         weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
         gradient_checkpointing: bool = False,
         scaling_factor: float | None = None,
+        noise_offset: float = 0.0,
     ) -> None:
         from diffusers import DDPMScheduler
 
@@ -110,6 +126,7 @@ class Distiller:
         self.teacher_dtype = teacher_dtype
         self.resolution = resolution
         self.weights = weights
+        self.noise_offset = noise_offset
         self.noise_scheduler = DDPMScheduler.from_config(teacher.scheduler.config)
         # The VAE's latent scale: from the VAE, or given when training from the cache (the
         # VAE is then not loaded).
@@ -207,7 +224,7 @@ class Distiller:
         w_task, w_out, w_feat = self.weights
         cond = self.encode(batch)
         latents = cond.latents
-        noise = torch.randn_like(latents)
+        noise = training_noise(latents, self.noise_offset)
         timesteps = torch.randint(
             0,
             self.noise_scheduler.config.num_train_timesteps,
