@@ -49,7 +49,13 @@ def prepare_dataset(base: Path, n_images: int, extra: list[str]) -> None:
 
 
 def run_arm(
-    base: Path, arm_dir: Path, ratio: float, n_images: int, steps: int, extra: list[str]
+    base: Path,
+    arm_dir: Path,
+    ratio: float,
+    n_images: int,
+    steps: int,
+    n_prompts: int,
+    extra: list[str],
 ) -> dict[str, Any]:
     """Train one arm on a copy of ``base``'s dataset, evaluate it; its evaluation.json."""
     if not arm_dir.exists():
@@ -62,6 +68,7 @@ def run_arm(
         f"train.max_steps={steps}",
         f"train.checkpointing_steps={steps}",
         "evaluate.enabled=true",
+        f"evaluate.n_prompts={n_prompts}",
     ]
     started = time.monotonic()
     recaption("train", str(CONFIG), *overrides)
@@ -76,14 +83,19 @@ def _pct(value: Any) -> str:
 
 
 def report(results: dict[str, dict[str, Any]]) -> str:
-    """The two arms side by side, with chance level and the judge's own accuracy."""
+    """The two arms side by side, with the teacher they were distilled from (when evaluated),
+    chance level and the judge's own accuracy."""
     first = next(iter(results.values()))
+    teacher = first.get("teacher") or {}
+    columns = dict(results)
+    if teacher:
+        columns["teacher"] = teacher
     attributes = sorted(first.get("attributes") or {})
-    header = f"{'':24s}" + "".join(f"{arm:>20s}" for arm in results)
+    header = f"{'':24s}" + "".join(f"{name:>20s}" for name in columns)
     lines = [header + f"{'chance':>9s}{'judge':>9s}"]
     for name in attributes:
         row = f"{name + ' accuracy':24s}"
-        for result in results.values():
+        for result in columns.values():
             values = result["attributes"][name]
             cell = f"{_pct(values['sample_accuracy'])} ({values['correct']}/{values['n']})"
             row += f"{cell:>20s}"
@@ -91,12 +103,12 @@ def report(results: dict[str, dict[str, Any]]) -> str:
         row += f"{_pct(values['chance']):>9s}{_pct(values['judge_accuracy']):>9s}"
         lines.append(row)
     row = f"{'CLIP score (mean)':24s}"
-    for result in results.values():
+    for result in columns.values():
         score = result.get("mean_clip_score")
         row += f"{'-' if score is None else f'{score:.4f}':>20s}"
     lines.append(row)
     lines.append(
-        f"{first['n_samples']} samples an arm: {first['n_prompts']} held-out prompts x "
+        f"{first['n_samples']} samples a column: {first['n_prompts']} held-out prompts x "
         f"{len(first['seeds'])} seeds; judge accuracy measured on held-out world images"
     )
     return "\n".join(lines)
@@ -106,6 +118,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-images", type=int, default=400, help="demo world size")
     parser.add_argument("--steps", type=int, default=400, help="training steps of each arm")
+    parser.add_argument(
+        "--n-prompts", type=int, default=32, help="held-out prompts (x 2 seeds) an arm"
+    )
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run"
@@ -119,7 +134,13 @@ def main() -> int:
         prepare_dataset(base, args.n_images, args.overrides)
         results = {
             arm: run_arm(
-                base, work / arm.split()[0], ratio, args.n_images, args.steps, args.overrides
+                base,
+                work / arm.split()[0],
+                ratio,
+                args.n_images,
+                args.steps,
+                args.n_prompts,
+                args.overrides,
             )
             for arm, ratio in ARMS
         }

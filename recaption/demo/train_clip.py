@@ -20,7 +20,6 @@ outscores the same caption with the main object's colour swapped.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -35,13 +34,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from recaption.demo import world
-from recaption.demo.describe import background_colours, describe
 from recaption.demo.train_sdxl import (
+    CLIP_IMAGE_MEAN,
+    CLIP_IMAGE_STD,
     HELD_OUT_SEED_START,
     METADATA_FILE,
     TRAIN_SEED_START,
     _cosine_lr,
     build_world_tokenizer,
+    caption_pair,
+    contrastive_loss,
     save_clip_tokenizer,
     weights_bytes,
 )
@@ -50,9 +52,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 4
-# CLIP's pixel normalisation (openai/clip-vit-large-patch14's preprocessor_config.json).
-CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def world_clip(tokenizer: Any) -> tuple[Any, Any]:
@@ -86,31 +85,6 @@ def world_clip(tokenizer: Any) -> tuple[Any, Any]:
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return CLIPModel(config), processor
-
-
-def swap_main_colour(truth: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-    """``truth`` with its main object's colour replaced by one that is nowhere in the image
-    (or, if every colour is, by any other)."""
-    used = {obj["colour"] for obj in truth["objects"]} | set(background_colours(truth))
-    main = truth["objects"][0]["colour"]
-    others = [c for c in sorted(world.COLOURS) if c not in used] or [
-        c for c in sorted(world.COLOURS) if c != main
-    ]
-    swapped = copy.deepcopy(truth)
-    swapped["objects"][0]["colour"] = rng.choice(others)
-    return swapped
-
-
-def caption_pair(truth: dict[str, Any], rng: random.Random) -> tuple[str, str]:
-    """A describe() caption of ``truth`` and the same wording with the main colour swapped."""
-    swapped = swap_main_colour(truth, rng)
-    wording = rng.getstate()
-    caption = describe(truth, rng)
-    after = rng.getstate()
-    rng.setstate(wording)
-    negative = describe(swapped, rng)
-    rng.setstate(after)
-    return caption, negative
 
 
 class _ClipBatches:
@@ -148,16 +122,11 @@ def _text_embeds(model: Any, processor: Any, texts: Sequence[str]) -> torch.Tens
     return F.normalize(_pooled(model.get_text_features(**_tokens(processor, texts))), dim=-1)
 
 
-def _clip_loss(
-    model: Any, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], n: int
-) -> torch.Tensor:
-    """Symmetric InfoNCE over ``n`` pairs; texts beyond the first ``n`` are extra negatives
-    for the image -> text direction."""
-    image_embeds = F.normalize(_pooled(model.get_image_features(pixel_values=pixels)), dim=-1)
-    text_embeds = F.normalize(_pooled(model.get_text_features(**tokens)), dim=-1)
-    logits = model.logit_scale.exp() * image_embeds @ text_embeds.T
-    labels = torch.arange(n)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :n].T, labels)) / 2
+def _clip_loss(model: Any, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    """CLIP's loss for ``len(pixels)`` pairs; further texts are hard negatives."""
+    image_embeds = _pooled(model.get_image_features(pixel_values=pixels))
+    text_embeds = _pooled(model.get_text_features(**tokens))
+    return contrastive_loss(image_embeds, text_embeds, model.logit_scale)
 
 
 @torch.no_grad()
@@ -193,7 +162,7 @@ def train_clip(
     out: Path,
     *,
     seed: int = 2,
-    steps: int = 600,
+    steps: int = 300,
     batch_size: int = 96,
     learning_rate: float = 2e-3,
     hard_negatives: bool = True,
@@ -218,7 +187,7 @@ def train_clip(
         pixels, truths = batches.batch(batch_size)
         captions, swapped = zip(*(caption_pair(t, rng) for t in truths), strict=True)
         texts = list(captions) + (list(swapped) if hard_negatives else [])
-        loss = _clip_loss(model, pixels, _tokens(processor, texts), batch_size)
+        loss = _clip_loss(model, pixels, _tokens(processor, texts))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

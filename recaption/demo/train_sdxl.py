@@ -3,41 +3,55 @@
 KOALA distils a student U-Net from a strong pretrained SDXL. The demo cannot download
 SDXL-Base-1.0, so its teacher is a tiny SDXL trained here, on the CPU, on the very world the
 demo dataset is drawn from: images of :func:`recaption.demo.world.draw_image` (one to three
-coloured shapes on a plain, gradient or textured background) paired with
-:func:`recaption.demo.describe.describe` captions, the captions a good captioner writes for
-them. Like a real teacher it then "knows" the data the student is distilled on: asked for
-"a large red circle in the centre on a plain blue background" it draws one, so the
-distillation has something to transfer and the samples of teacher and student can be checked
-by looking at their pixels (:func:`judge_colours`).
+coloured shapes on a plain, gradient or textured background) paired, like SDXL's own training
+data, with web alt-texts: the world's noisy alt-texts (:func:`recaption.demo.world.noisy_alt_text`:
+file names, a bare "red circle", keyword spam, other languages, empty ones, and "Red circle on
+a plain background"). It then knows what alt-texts say and nothing of what they never say:
+asked for "a large red circle in the centre on a plain blue background" it draws the red
+object well above chance and the blue background at chance (``recaption_demo.json``, judged
+by pixels: :func:`judge_colours`). That gap is what recaptioning is for: a student distilled on
+the LLaVA captions of the same images learns the background colours from them, one distilled
+on the alt-texts does not (``benchmarks/recaption_effect.py``). ``captions="describe"`` trains
+on ground-truth descriptions instead (a teacher that already knows everything the captions
+could teach). It is a stand-in trained for minutes, not SDXL: its shapes are blurry blobs.
 
 What is trained, in order, with the classes and folder layout of
 ``stabilityai/stable-diffusion-xl-base-1.0`` (:func:`recaption.demo.tiny_models.build_tiny_sdxl`):
 
-1. the two tokenizers: one CLIP byte-level BPE (:func:`build_world_tokenizer`) whose merges
-   make every word of the world's captions and alt-texts one token, with CLIP's byte
-   fallback for any other text;
+1. the two tokenizers (one and the same): a CLIP byte-level BPE (:func:`build_world_tokenizer`)
+   whose merges make every word of the world's captions and alt-texts one token, with
+   CLIP's byte fallback for any other text;
 2. the ``AutoencoderKL`` (downsampling by 8: 64x64 px images, 4x8x8 latents), on
    reconstruction (MSE) with a small KL term; its ``scaling_factor`` is set from the measured
-   latent standard deviation, as SD's was (SDXL's VAE config has no shift);
-3. the two text encoders (``CLIPTextModel``, ``CLIPTextModelWithProjection``) and the U-Net
-   (exactly :data:`~recaption.demo.tiny_models.TINY_SDXL_UNET_CONFIG`, so the KOALA presets
-   apply), jointly, on the epsilon-prediction loss of DDPM (the scheduler's ``add_noise``,
-   min-SNR-5 loss weighting, a small noise offset), conditioned the way
-   ``StableDiffusionXLPipeline.encode_prompt`` conditions: the penultimate hidden states of
-   both encoders concatenated, the pooled projection of the second as ``text_embeds`` and
-   ``time_ids`` = (original size, crop top-left, target size). One prompt in ten is dropped
-   to ``""`` for classifier-free guidance; the pipeline is saved with
-   ``force_zeros_for_empty_prompt=False`` so that its unconditional branch is that same
+   latent standard deviation, as SD's was (SDXL's VAE config has no shift). On the same
+   images, the two text encoders (``CLIPTextModel``, ``CLIPTextModelWithProjection``) are
+   pretrained contrastively against a throwaway image tower (:class:`TextPretraining`), as
+   SDXL's are pretrained CLIP text towers;
+3. the U-Net (exactly :data:`~recaption.demo.tiny_models.TINY_SDXL_UNET_CONFIG`, so the KOALA
+   presets apply; residual branches zero-initialised) and the text encoders, jointly, on the
+   alt-texts (:func:`training_prompt`), on the
+   epsilon-prediction loss with the noise of DDPM's forward process (the scheduler's
+   ``add_noise``), conditioned the way ``StableDiffusionXLPipeline.encode_prompt`` conditions:
+   the penultimate hidden states of both encoders concatenated, the pooled projection of the
+   second as ``text_embeds`` and ``time_ids`` = (original size, crop top-left, target size).
+   One prompt in ten is dropped to ``""`` for classifier-free guidance; the pipeline is saved
+   with ``force_zeros_for_empty_prompt=False`` so that its unconditional branch is that same
    encoded empty prompt (the KOALA train stage encodes ``""`` too).
 
-Training images are drawn fresh every step from world seeds ``10_000`` upward (the demo run
-draws its world with seed 0, the tests with small seeds), keeping only square draws so the
-positions the captions name are where the shapes are; they are resized to 64x64. The micro-
-conditioning is the SDXL recipe with one change: a quarter of the samples get the crop
-offsets the KOALA data pipeline gives non-square world images, on the uncropped image, so the
-teacher learns to ignore crop offsets instead of extrapolating from values it never saw.
-Seeds, steps, the world version, losses, wall times and the judged sample accuracy are
-written to ``recaption_demo.json`` in the output folder.
+Two departures from SDXL's recipe make a few minutes of training draw what the prompt says at
+8x8 latents: offset noise (0.2; :func:`training_noise`) so that the starting noise's mean
+does not decide the colours, and the high-noise steps weighted up to x0-loss weight
+(:func:`loss_weights`), where colour and layout are decided.
+
+Training images are drawn fresh from world seeds ``10_000`` upward (the demo run draws its
+world with seed 0, the tests with small seeds), keeping only square draws so that the
+positions the captions name are where the shapes are; they are resized to 64x64. The
+diffusion stage keeps their VAE posteriors in a buffer that takes 16 fresh images a step
+(:class:`LatentBuffer`). The micro-conditioning is the SDXL recipe with one change: a
+quarter of the samples get the crop offsets the KOALA data pipeline gives non-square world
+images, on the uncropped image, so the teacher learns to ignore crop offsets instead of
+extrapolating from values it never saw. Seeds, steps, the world version, losses, wall times
+and the judged sample accuracy are written to ``recaption_demo.json`` in the output folder.
 """
 
 from __future__ import annotations
@@ -299,10 +313,14 @@ VAE_BLOCK_OUT_CHANNELS = (8, 16, 32, 32)
 
 
 def world_vae() -> Any:
-    """A small ``AutoencoderKL`` downsampling by 8 (4x8x8 latents for 64x64 px)."""
+    """A small ``AutoencoderKL`` downsampling by 8 (4x8x8 latents for 64x64 px).
+
+    Its posterior starts narrow (log-variance -4): a posterior of unit variance at the
+    start makes a short training decode noisy latents to washed-out average colours, and the
+    log-variance only falls slowly under the small KL weight."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
@@ -313,6 +331,9 @@ def world_vae() -> Any:
         norm_num_groups=4,
         sample_size=RESOLUTION,
     )
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels :] = -4.0
+    return vae
 
 
 def _cosine_lr(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
@@ -427,7 +448,7 @@ def train_first_stage(
     *,
     batch_size: int = 32,
     learning_rate: float = 2e-3,
-    kl_weight: float = 1e-4,
+    kl_weight: float = 1e-6,
 ) -> tuple[list[float], list[float]]:
     """Train ``vae`` to reconstruct world images (MSE + ``kl_weight`` x KL) and, on the same
     images, the text encoders contrastively; returns the MSE and contrastive losses."""
@@ -602,29 +623,62 @@ class DiffusionSettings:
     warmup_steps: int = 50
     empty_prompt_ratio: float = 0.1
     min_snr_gamma: float = 5.0
-    noise_offset: float = 0.05
+    noise_offset: float = 0.2
     ema_decay: float = 0.995
     buffer_size: int = 1024
     fresh_per_step: int = 16
     timestep_sampling: str = "uniform"  # or "logit_normal" (Esser et al., 2024)
-    loss_scales: tuple[int, ...] = (1,)
+    pyramid_discount: float = 0.0
+    max_low_snr_weight: float = 50.0
+    captions: str = "alt_text"  # what the U-Net is trained on: "alt_text" or "describe"
 
 
-def multiscale_mse(
-    prediction: torch.Tensor, target: torch.Tensor, scales: Sequence[int]
+def training_prompt(truth: dict[str, Any], settings: DiffusionSettings, rng: random.Random) -> str:
+    """The prompt one training image is paired with: ``""`` (for classifier-free guidance) at
+    ``settings.empty_prompt_ratio``, else its alt-text as the demo world's metadata has them
+    (``settings.captions == "alt_text"``, the way SDXL learnt from web alt-text) or a
+    :func:`~recaption.demo.describe.describe` caption of its ground truth (``"describe"``)."""
+    if rng.random() < settings.empty_prompt_ratio:
+        return ""
+    if settings.captions == "alt_text":
+        return world.noisy_alt_text(rng, rng.randrange(10_000), truth)
+    if settings.captions == "describe":
+        return describe(truth, rng)
+    raise ValueError(f"captions must be 'alt_text' or 'describe', not {settings.captions!r}")
+
+
+def loss_weights(snr: torch.Tensor, settings: DiffusionSettings) -> torch.Tensor:
+    """Per-sample weights of the epsilon loss: min-SNR-gamma (Hang et al., 2023) for the
+    low-noise steps and, for the high-noise ones (SNR < 1), ``1 / SNR`` up to
+    ``max_low_snr_weight``, which is the x0 loss there: with the plain epsilon loss the
+    error of a wrong colour or layout at high noise is scaled down by the SNR, so the
+    model barely learns the part that the caption decides. Positive weights per noise
+    level leave the minimiser unchanged."""
+    high = (1 / snr).clamp(min=1.0, max=settings.max_low_snr_weight)
+    return snr.clamp(max=settings.min_snr_gamma) / snr * high
+
+
+def training_noise(
+    shape: torch.Size, settings: DiffusionSettings, generator: torch.Generator
 ) -> torch.Tensor:
-    """Per-sample MSE summed over the error average-pooled at each of ``scales`` (1: the plain
-    MSE), each scale's term multiplied by scale^2 so that white error weighs the same at every
-    scale. A positive-definite reweighting of the error, so its minimiser is the same
-    conditional mean of the noise; it only gives the low frequencies (background colour,
-    layout: what the caption says) a larger share of the gradient, as min-SNR weighting does
-    for the noise levels."""
-    error = prediction - target
-    total = torch.zeros(error.shape[0])
-    for scale in scales:
-        pooled = F.avg_pool2d(error, scale) if scale > 1 else error
-        total = total + pooled.pow(2).mean(dim=(1, 2, 3)) * scale**2
-    return total / len(scales)
+    """Gaussian noise plus, optionally, offset noise (a per-channel constant, Guttenberg 2023)
+    and pyramid noise (coarser noise upsampled, Whitaker 2023), rescaled to unit variance.
+
+    At 8x8 latents the noisiest timestep of SDXL's schedule still shows the image's mean
+    colour and coarse layout through white noise; the model then learns to read them from
+    the starting noise instead of the prompt. Low-frequency noise makes them unreadable."""
+    batch, channels, height, width = shape
+    noise = torch.randn(shape, generator=generator)
+    if settings.noise_offset:
+        noise += settings.noise_offset * torch.randn((batch, channels, 1, 1), generator=generator)
+    if settings.pyramid_discount:
+        size, weight = height // 2, settings.pyramid_discount
+        while size >= 1:
+            coarse = torch.randn((batch, channels, size, size), generator=generator)
+            noise += weight * F.interpolate(coarse, size=(height, width), mode="nearest")
+            size, weight = size // 2, weight * settings.pyramid_discount
+        noise /= noise.std()
+    return noise
 
 
 def _sample_timesteps(
@@ -751,16 +805,9 @@ def train_diffusion(
         if step:
             buffer.refresh(settings.fresh_per_step)
         latents, truths = buffer.sample(settings.batch_size, generator)
-        prompts = [
-            "" if rng.random() < settings.empty_prompt_ratio else describe(truth, rng)
-            for truth in truths
-        ]
+        prompts = [training_prompt(truth, settings, rng) for truth in truths]
         prompt_embeds, pooled = encode_prompts(tokenizers, text_encoders, prompts)
-        noise = torch.randn(latents.shape, generator=generator)
-        if settings.noise_offset:
-            noise += settings.noise_offset * torch.randn(
-                (latents.shape[0], latents.shape[1], 1, 1), generator=generator
-            )
+        noise = training_noise(latents.shape, settings, generator)
         timesteps = _sample_timesteps(settings, len(alphas_cumprod), latents.shape[0], generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(
@@ -770,8 +817,10 @@ def train_diffusion(
             added_cond_kwargs={"text_embeds": pooled, "time_ids": _time_ids(rng, truths)},
         ).sample
         # Min-SNR-gamma weighting (Hang et al., 2023) for epsilon prediction.
-        weights = snr[timesteps].clamp(max=settings.min_snr_gamma) / snr[timesteps]
-        loss = (multiscale_mse(prediction, noise, settings.loss_scales) * weights).mean()
+        weights = loss_weights(snr[timesteps], settings)
+        loss = (
+            F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * weights
+        ).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet_params + text_params, 1.0)
         optimizer.step()
@@ -939,11 +988,12 @@ def train_sdxl(
     batch_size: int = 64,
     vae_batch_size: int = 32,
     judge_n: int = 32,
+    captions: str = "alt_text",
 ) -> dict[str, Any]:
     """Train the demo's SDXL teacher on the demo world and write its pipeline folder to ``out``.
 
     ``steps`` diffusion steps (text encoders and U-Net) of ``batch_size`` fresh world images,
-    after ``vae_steps`` VAE steps (by default a third of ``steps``); ``seed`` seeds the weights,
+    after ``vae_steps`` VAE steps (by default 3/8 of ``steps``); ``seed`` seeds the weights,
     the noise and the captions (the world seeds are fixed, from :data:`TRAIN_SEED_START`).
     After training, ``judge_n`` centre prompts and ``judge_n`` prompts at any position are
     sampled and checked by pixels (0: no judging). Returns what is written to
@@ -952,7 +1002,7 @@ def train_sdxl(
     from diffusers import UNet2DConditionModel
 
     out = Path(out)
-    vae_steps = max(1, steps // 3) if vae_steps is None else vae_steps
+    vae_steps = max(1, steps * 3 // 8) if vae_steps is None else vae_steps
     started, cpu_started = time.time(), time.process_time()
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -993,7 +1043,7 @@ def train_sdxl(
         "unet": unet,
         "scheduler": _sdxl_base_scheduler(),
     }
-    settings = DiffusionSettings(batch_size=batch_size)
+    settings = DiffusionSettings(batch_size=batch_size, captions=captions)
     logger.info("training text encoders and U-Net: %d steps of %d images", steps, batch_size)
     losses = train_diffusion(parts, stream, steps, settings, rng)
     diffusion_done = time.time()

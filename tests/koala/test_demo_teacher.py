@@ -5,18 +5,23 @@ token per world word, and have learnt the demo world."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from recaption.caption_accuracy import parse_caption
 from recaption.demo import world
+from recaption.demo.describe import background_colours
 from recaption.demo.tiny_models import TINY_SDXL_UNET_CONFIG
 from recaption.demo.train_sdxl import (
     METADATA_FILE,
+    DiffusionSettings,
     judge_colours,
     judge_prompts,
     train_sdxl,
+    training_prompt,
     world_words,
 )
 
@@ -51,6 +56,7 @@ def test_teacher_has_the_tiny_sdxl_layout(teacher) -> None:
     record = json.loads((SDXL_DIR / METADATA_FILE).read_text())
     assert record["world_version"] == world.WORLD_VERSION
     assert record["train_world_seeds"]["first"] >= 10_000
+    assert record["settings"]["captions"] == "alt_text"  # as the docs say it was trained
 
 
 def test_tokenizer_has_one_token_per_world_word_and_takes_any_script(teacher) -> None:
@@ -68,14 +74,16 @@ def test_tokenizer_has_one_token_per_world_word_and_takes_any_script(teacher) ->
         assert decoded.replace(" ", "") == ANY_SCRIPT.lower().replace(" ", "")
 
 
-def test_teacher_draws_the_colour_asked_for_above_chance(teacher) -> None:
-    """16 held-out "a large red circle in the centre on a plain blue background" prompts, 10
-    steps: the shipped teacher draws the asked object colour 8 of 16 times (chance 1/7). It is a
-    weak teacher (recaption_demo.json: about 40% on 32 prompts at 20 steps); the floor is set
-    well above chance, below what it measures."""
-    prompts = judge_prompts(16, seed=3)
+def test_teacher_draws_the_object_colour_asked_for_above_chance(teacher) -> None:
+    """32 held-out "a large red circle in the centre on a plain blue background" prompts, 10
+    steps. The teacher learnt from the world's alt-texts, which name the main object's colour
+    in about half the images: it draws the asked object colour 12 of 32 times (chance 1/7;
+    about 40% in recaption_demo.json's 20-step judging). The floor is twice chance, below what
+    it measures. (The background colour, which no alt-text names, it draws at about chance:
+    the gap that benchmarks/recaption_effect.py measures a student closing.)"""
+    prompts = judge_prompts(32, seed=3)
     result = judge_colours(teacher, prompts, num_inference_steps=10, guidance_scale=5.0, seed=0)
-    assert result["object_colour_accuracy"] >= 0.35, result
+    assert result["object_colour_accuracy"] >= 0.28, result
 
 
 def test_clip_scores_the_true_caption_higher() -> None:
@@ -100,3 +108,30 @@ def test_train_sdxl_writes_a_loadable_pipeline(tmp_path: Path) -> None:
     assert dict(pipe.unet.config)["transformer_layers_per_block"] == [1, 2, 10]
     assert record["steps"] == 2 and record["world_version"] == world.WORLD_VERSION
     assert json.loads((out / METADATA_FILE).read_text())["train_world_seeds"]["n_images"] > 0
+
+
+def test_teacher_prompts_are_alt_texts_that_do_not_tell_the_background_colour() -> None:
+    """The premise of the recaptioning benchmark: the teacher's training prompts (alt-texts)
+    name the main object's colour often and the background's colour never (keyword spam such
+    as "purple background" names a colour, falsely); the descriptions
+    (``captions="describe"``) name both."""
+    rng = random.Random(0)
+    truths = [world.draw_image(random.Random(seed))[1] for seed in range(200)]
+    expected = {"alt_text": (0.3, 0.0), "describe": (0.95, 0.5)}
+    for captions, (main_share, background_share) in expected.items():
+        settings = DiffusionSettings(captions=captions, empty_prompt_ratio=0.0)
+        claims = [parse_caption(training_prompt(t, settings, rng)) for t in truths]
+        named_main = sum(
+            any(o.colour == t["objects"][0]["colour"] for o in c.objects)
+            for c, t in zip(claims, truths, strict=True)
+        )
+        right_background = sum(
+            bool(c.background_colours) and c.background_colours <= set(background_colours(t))
+            for c, t in zip(claims, truths, strict=True)
+        )
+        assert named_main >= main_share * len(truths), captions
+        assert right_background >= background_share * len(truths), captions
+        if captions == "alt_text":
+            assert right_background == 0
+    with pytest.raises(ValueError, match="captions"):
+        training_prompt(truths[0], DiffusionSettings(captions="ground-truth"), rng)
