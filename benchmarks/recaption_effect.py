@@ -6,10 +6,14 @@ arms from that same dataset, the same seeds, steps and teacher, differing only i
 trains on the empty prompt) and 1 (every sample on its synthetic caption, as
 KOALA-700M-LLaVA-Caption). Each arm is trained, then evaluated by ``recaption evaluate`` on the
 same held-out prompts (descriptions of a demo world neither arm saw), and the two arms' figures
-are printed side by side with chance level: the judge's main-object and background colour
-accuracy of the samples, and their CLIP score.
+are printed side by side with the teacher's and chance level: the judge's main-object and
+background colour accuracy of the samples, and their CLIP score. The demo's teacher learnt from
+alt-texts (as SDXL did), so it draws the main object's colour, which half the alt-texts name,
+and not the background's, which none does: the background colour is where the captions can
+teach the student something the alt-texts and the teacher cannot.
 
-    python benchmarks/recaption_effect.py [--n-images 400] [--steps 400] [--work DIR] [KEY=VAL]
+    python benchmarks/recaption_effect.py [--n-images 400] [--steps 1500] [--n-prompts 32]
+        [--work DIR] [KEY=VAL ...]
 
 A ``--work`` folder is reused: finished stages are not redone (the driver's markers), so a
 second call only prints again. Without it, a temporary folder is used and removed.
@@ -117,7 +121,7 @@ def report(results: dict[str, dict[str, Any]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-images", type=int, default=400, help="demo world size")
-    parser.add_argument("--steps", type=int, default=400, help="training steps of each arm")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of each arm")
     parser.add_argument(
         "--n-prompts", type=int, default=32, help="held-out prompts (x 2 seeds) an arm"
     )
