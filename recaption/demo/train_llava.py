@@ -94,7 +94,7 @@ def build_tokenizer(seed: int) -> Any:
     )
 
 
-def build_model(tokenizer: Any) -> tuple[Any, Any]:
+def build_model(tokenizer: Any, drop_path_rate: float = 0.0) -> tuple[Any, Any]:
     """A random ``LlavaForConditionalGeneration`` and its ``LlavaProcessor`` for ``tokenizer``.
 
     The vision tower is a tiny Swin transformer (``SwinModel``: 4 px patches, shifted 6x6
@@ -103,6 +103,7 @@ def build_model(tokenizer: Any) -> tuple[Any, Any]:
     drop). A CLIP ViT learns shapes far too slowly from random weights on a CPU (real LLaVA
     starts from a pretrained one): after 50k images a tiny ViT still named the main shape at
     chance, where windowed attention over small patches learns it like a CNN.
+    ``drop_path_rate`` is the tower's stochastic depth (none: a tower this small underfits).
     """
     from transformers import (
         LlamaConfig,
@@ -127,6 +128,7 @@ def build_model(tokenizer: Any) -> tuple[Any, Any]:
         num_heads=[2, 4, 8],
         window_size=6,
         mlp_ratio=2.0,
+        drop_path_rate=drop_path_rate,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -312,6 +314,7 @@ class AuxHeads:
 
 
 VISION_SEED_BASE = 2_000_000
+VISION_HELD_OUT_SEED = 1_900_000  # 512 images below VISION_SEED_BASE's, above the captions'
 
 
 def image_bank(processor: Any, n: int, seed_base: int) -> tuple[Any, dict[str, Any]]:
@@ -331,30 +334,67 @@ def image_bank(processor: Any, n: int, seed_base: int) -> tuple[Any, dict[str, A
     return torch.cat(values).to(torch.float16), aux_labels(truths)
 
 
+def fresh_batch(processor: Any, seeds: list[int]) -> tuple[Any, dict[str, Any]]:
+    """World images drawn from ``seeds`` as the processor's pixel values and their aux labels."""
+    images, truths = [], []
+    for seed in seeds:
+        rng = random.Random(seed)
+        image, truth = draw_image(rng)
+        images.append(as_downloaded(image, rng))
+        truths.append(truth)
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return pixels, aux_labels(truths)
+
+
+def vision_accuracy(aux: AuxHeads, hidden: Any, labels: dict[str, Any]) -> dict[str, float]:
+    """Held-out accuracy of the aux heads on ``hidden``: main shape (also per main-object
+    size), main colour, first background colour and main position."""
+    logits = aux.logits(hidden)
+    right = {name: logits[name].argmax(-1) == labels[name] for name in logits}
+    result = {
+        name: round(float(right[name].float().mean()), 4)
+        for name in ("main_shape", "main_colour", "background_colour_1", "main_position")
+    }
+    for i, size in enumerate(AUX_TARGETS["main_size"]):
+        of_size = labels["main_size"] == i
+        if bool(of_size.any()):
+            result[f"main_shape_{size}"] = round(
+                float(right["main_shape"][of_size].float().mean()), 4
+            )
+    return result
+
+
 def pretrain_vision_tower(
     model: Any,
     processor: Any,
     aux: AuxHeads,
     *,
     steps: int,
-    bank_size: int,
+    bank_size: int = 0,
     batch_size: int = 64,
     learning_rate: float = 2e-3,
+    eval_every: int = 0,
 ) -> dict[str, float]:
     """Train the vision tower alone on :class:`AuxHeads`' classification of the ground truth.
 
     LLaVA starts from a pretrained CLIP vision tower; this is the demo's stand-in for that
-    pretraining: a bank of ``bank_size`` images (drawn once, then sampled ``batch_size`` at a
-    time for ``steps`` steps) classified by main shape, colour, size, position, background and
-    count. Returns the main-shape and main-colour accuracy on 512 images outside the bank.
+    pretraining: ``batch_size`` world images a step, drawn fresh every step (seed
+    ``VISION_SEED_BASE + step * batch_size + i``) or, with ``bank_size``, sampled from a bank
+    of that many drawn once, classified by main shape, colour, size, position, background and
+    count. Returns the held-out accuracy (:func:`vision_accuracy`) on 512 images drawn from
+    ``VISION_HELD_OUT_SEED``, which no training step draws.
     """
     import torch
 
     started = time.monotonic()
-    bank, labels = image_bank(processor, bank_size, VISION_SEED_BASE)
-    held_out, held_labels = image_bank(processor, 512, VISION_SEED_BASE + bank_size)
+    bank, labels = (None, None)
+    if bank_size:
+        bank, labels = image_bank(processor, bank_size, VISION_SEED_BASE)
+    held_out, held_labels = image_bank(processor, 512, VISION_HELD_OUT_SEED)
     logger.info(
-        "vision pretraining bank of %d images drawn (%.0f s)", bank_size, time.monotonic() - started
+        "vision pretraining: %s, held-out images drawn (%.0f s)",
+        f"a bank of {bank_size} images" if bank_size else "fresh images every step",
+        time.monotonic() - started,
     )
     tower = model.model.vision_tower
     params = [*tower.parameters(), *aux.heads.parameters()]
@@ -368,10 +408,22 @@ def pretrain_vision_tower(
         out = tower(pixel_values.float(), output_hidden_states=True)
         return out.hidden_states[aux.layer]
 
+    def held_out_accuracy() -> dict[str, float]:
+        tower.eval()
+        with torch.inference_mode():
+            result = vision_accuracy(aux, hidden(held_out), held_labels)
+        tower.train()
+        return result
+
     tower.train()
     for step in range(steps):
-        idx = torch.randint(0, bank_size, (batch_size,), generator=gen)
-        loss = aux.loss({name: value[idx] for name, value in labels.items()}, hidden(bank[idx]))
+        if bank is not None and labels is not None:
+            idx = torch.randint(0, bank_size, (batch_size,), generator=gen)
+            pixels, step_labels = bank[idx], {name: value[idx] for name, value in labels.items()}
+        else:
+            base = VISION_SEED_BASE + step * batch_size
+            pixels, step_labels = fresh_batch(processor, list(range(base, base + batch_size)))
+        loss = aux.loss(step_labels, hidden(pixels))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -382,15 +434,12 @@ def pretrain_vision_tower(
                 "vision step %d/%d aux loss %.4f (%.0f s)",
                 step,
                 steps,
-                float(loss),
+                float(loss.detach()),
                 time.monotonic() - started,
             )
-    with torch.inference_mode():
-        logits = aux.logits(hidden(held_out))
-        result = {
-            name: round(float((logits[name].argmax(-1) == held_labels[name]).float().mean()), 4)
-            for name in ("main_shape", "main_colour", "background_colour_1", "main_position")
-        }
+        if eval_every and step and step % eval_every == 0:
+            logger.info("vision step %d held-out: %s", step, held_out_accuracy())
+    result = held_out_accuracy()
     logger.info("vision tower on held-out images: %s", result)
     return result
 
@@ -453,26 +502,35 @@ def train_llava(
     threads: int = 1,
     eval_every: int = 0,
     aux_weight: float = 0.5,
-    vision_steps: int = 1400,
-    vision_bank_size: int = 12_000,
+    vision_steps: int = 4500,
+    vision_bank_size: int = 24_000,
+    vision_batch_size: int = 32,
+    vision_learning_rate: float = 2e-3,
     eval_images: int = 256,
+    vision_lr_scale: float = 0.2,
+    drop_path_rate: float = 0.0,
 ) -> dict[str, Any]:
     """Train the demo captioner from random weights and ``save_pretrained`` it into ``out``.
 
-    Every step draws ``batch_size`` fresh world images (seed ``TRAIN_SEED_BASE + step *
-    batch_size + i``); AdamW with a linear warm-up and a cosine decay to a tenth. The loss is
-    the caption's plus ``aux_weight`` times :class:`AuxHeads`' (discarded after training).
+    First the vision tower alone (:func:`pretrain_vision_tower`, ``vision_steps`` steps of
+    ``vision_batch_size`` images, from a bank of ``vision_bank_size`` or, with 0, drawn fresh
+    every step). Then every step draws ``batch_size`` fresh world images (seed
+    ``TRAIN_SEED_BASE + step * batch_size + i``); AdamW with a linear warm-up and a cosine
+    decay to a tenth, the vision tower at ``vision_lr_scale`` times the learning rate. The loss
+    is the caption's plus ``aux_weight`` times :class:`AuxHeads`' (discarded after training).
+    ``drop_path_rate`` is the Swin tower's stochastic depth.
     Returns what is also written to ``out/recaption_demo.json``: seeds, steps, world version,
     the loss curve's tail and the quick accuracy on unseen images (also every ``eval_every`` steps).
     """
     import torch
     from transformers import GenerationConfig
 
+    total_started = time.monotonic()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out = Path(out)
     tokenizer = build_tokenizer(seed)
-    model, processor = build_model(tokenizer)
+    model, processor = build_model(tokenizer, drop_path_rate)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "demo captioner: %.2fM parameters, %d steps of %d", n_params / 1e6, steps, batch_size
@@ -481,10 +539,27 @@ def train_llava(
     vision = {}
     if vision_steps:
         vision = pretrain_vision_tower(
-            model, processor, aux, steps=vision_steps, bank_size=vision_bank_size
+            model,
+            processor,
+            aux,
+            steps=vision_steps,
+            bank_size=vision_bank_size,
+            batch_size=vision_batch_size,
+            learning_rate=vision_learning_rate,
+            eval_every=500,
         )
-    params = [*model.parameters(), *aux.heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.01)
+    tower_params = list(model.model.vision_tower.parameters())
+    tower_ids = {id(p) for p in tower_params}
+    other_params = [p for p in model.parameters() if id(p) not in tower_ids]
+    params = [*tower_params, *other_params, *aux.heads.parameters()]
+    opt = torch.optim.AdamW(
+        [
+            {"params": tower_params, "lr": learning_rate * vision_lr_scale},
+            {"params": [*other_params, *aux.heads.parameters()]},
+        ],
+        lr=learning_rate,
+        weight_decay=0.01,
+    )
 
     def lr_at(step: int) -> float:
         if step < warmup_steps:
@@ -544,13 +619,23 @@ def train_llava(
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "aux_weight": aux_weight,
+        "vision_lr_scale": vision_lr_scale,
         "vision_pretraining": {
             "steps": vision_steps,
-            "bank_seeds": [VISION_SEED_BASE, VISION_SEED_BASE + vision_bank_size - 1],
+            "batch_size": vision_batch_size,
+            "learning_rate": vision_learning_rate,
+            "drop_path_rate": drop_path_rate,
+            "image_seeds": [
+                VISION_SEED_BASE,
+                VISION_SEED_BASE + (vision_bank_size or vision_steps * vision_batch_size) - 1,
+            ],
+            "fresh_every_step": not vision_bank_size,
+            "held_out_seed": VISION_HELD_OUT_SEED,
             "held_out_accuracy": vision,
         },
         "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4),
         "wall_time_s": round(time.monotonic() - started, 1),
+        "total_wall_time_s": round(time.monotonic() - total_started, 1),
         "quick_accuracy_unseen": accuracy,
         "eval_seed": EVAL_SEED,
         "vocabulary": {"colours": sorted(COLOURS), "shapes": list(SHAPES)},
