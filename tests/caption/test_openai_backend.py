@@ -576,7 +576,9 @@ def _fake_stats(port: int) -> dict[str, Any]:
 
 def _assert_gone(pid: int, port: int) -> None:
     _wait(lambda: not _pid_alive(pid), 15, f"server pid {pid} to exit")
-    assert not port_open("127.0.0.1", port), f"port {port} still accepts connections"
+    # A few seconds' grace: on a loaded machine one probe can still be answered right after the
+    # exit (seen once in a full run next to other jobs); a server left running fails here.
+    _wait(lambda: not port_open("127.0.0.1", port), 10, f"port {port} to stop accepting")
 
 
 def test_the_managed_server_is_gone_after_success_and_after_failure(
