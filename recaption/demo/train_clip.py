@@ -20,7 +20,6 @@ outscores the same caption with the main object's colour swapped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -38,14 +37,13 @@ from recaption.demo.train_sdxl import (
     CLIP_IMAGE_MEAN,
     CLIP_IMAGE_STD,
     HELD_OUT_SEED_START,
-    METADATA_FILE,
     TRAIN_SEED_START,
     _cosine_lr,
     build_world_tokenizer,
     caption_pair,
     contrastive_loss,
     save_clip_tokenizer,
-    weights_bytes,
+    write_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -228,13 +226,9 @@ def train_clip(
         "held_out_world_seeds": f"from {HELD_OUT_SEED_START}",
         "evaluation": evaluation,
         "losses": [round(x, 4) for x in losses],
-        "weights_bytes": weights_bytes(out),
         "wall_time_s": {
             "train": round(trained - started, 1),
             "total": round(time.time() - started, 1),
         },
-        "cpu_time_s": round(time.process_time() - cpu_started, 1),
-        "torch_threads": torch.get_num_threads(),
     }
-    (out / METADATA_FILE).write_text(json.dumps(record, indent=1))
-    return record
+    return write_record(out, record, cpu_started)

@@ -39,7 +39,8 @@ What is trained, in order, with the classes and folder layout of
    encoded empty prompt (the KOALA train stage encodes ``""`` too).
 
 Two departures from SDXL's recipe make a few minutes of training draw what the prompt says at
-8x8 latents: offset noise (0.2; :func:`training_noise`) so that the starting noise's mean
+8x8 latents: offset noise (0.2; :func:`recaption.training.distiller.training_noise`, as the
+KOALA train stage's ``train.noise_offset``) so that the starting noise's mean
 does not decide the colours, and the high-noise steps weighted up to x0-loss weight
 (:func:`loss_weights`), where colour and layout are decided.
 
@@ -83,6 +84,7 @@ from recaption.demo.tiny_models import (
     _sdxl_base_scheduler,
     _tiny_sdxl_text_encoders,
 )
+from recaption.training.distiller import training_noise
 
 logger = logging.getLogger(__name__)
 
@@ -627,8 +629,6 @@ class DiffusionSettings:
     ema_decay: float = 0.995
     buffer_size: int = 1024
     fresh_per_step: int = 16
-    timestep_sampling: str = "uniform"  # or "logit_normal" (Esser et al., 2024)
-    pyramid_discount: float = 0.0
     max_low_snr_weight: float = 50.0
     captions: str = "alt_text"  # what the U-Net is trained on: "alt_text" or "describe"
 
@@ -656,40 +656,6 @@ def loss_weights(snr: torch.Tensor, settings: DiffusionSettings) -> torch.Tensor
     level leave the minimiser unchanged."""
     high = (1 / snr).clamp(min=1.0, max=settings.max_low_snr_weight)
     return snr.clamp(max=settings.min_snr_gamma) / snr * high
-
-
-def training_noise(
-    shape: torch.Size, settings: DiffusionSettings, generator: torch.Generator
-) -> torch.Tensor:
-    """Gaussian noise plus, optionally, offset noise (a per-channel constant, Guttenberg 2023)
-    and pyramid noise (coarser noise upsampled, Whitaker 2023), rescaled to unit variance.
-
-    At 8x8 latents the noisiest timestep of SDXL's schedule still shows the image's mean
-    colour and coarse layout through white noise; the model then learns to read them from
-    the starting noise instead of the prompt. Low-frequency noise makes them unreadable."""
-    batch, channels, height, width = shape
-    noise = torch.randn(shape, generator=generator)
-    if settings.noise_offset:
-        noise += settings.noise_offset * torch.randn((batch, channels, 1, 1), generator=generator)
-    if settings.pyramid_discount:
-        size, weight = height // 2, settings.pyramid_discount
-        while size >= 1:
-            coarse = torch.randn((batch, channels, size, size), generator=generator)
-            noise += weight * F.interpolate(coarse, size=(height, width), mode="nearest")
-            size, weight = size // 2, weight * settings.pyramid_discount
-        noise /= noise.std()
-    return noise
-
-
-def _sample_timesteps(
-    settings: DiffusionSettings, n_train: int, n: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Training timesteps: uniform, or logit-normal (more weight on the middle of the
-    schedule, where layout and colour are decided)."""
-    if settings.timestep_sampling == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, generator=generator))
-        return (u * n_train).long().clamp(0, n_train - 1)
-    return torch.randint(0, n_train, (n,), generator=generator)
 
 
 class LatentBuffer:
@@ -807,8 +773,8 @@ def train_diffusion(
         latents, truths = buffer.sample(settings.batch_size, generator)
         prompts = [training_prompt(truth, settings, rng) for truth in truths]
         prompt_embeds, pooled = encode_prompts(tokenizers, text_encoders, prompts)
-        noise = training_noise(latents.shape, settings, generator)
-        timesteps = _sample_timesteps(settings, len(alphas_cumprod), latents.shape[0], generator)
+        noise = training_noise(latents, settings.noise_offset, generator)
+        timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(
             noisy,
@@ -979,6 +945,19 @@ def weights_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
 
 
+def write_record(out: Path, record: dict[str, Any], cpu_started: float) -> dict[str, Any]:
+    """``record`` with the weights' size, the CPU time since ``cpu_started`` and the torch
+    thread count added, written to ``out / METADATA_FILE``; returns it."""
+    record = {
+        **record,
+        "weights_bytes": weights_bytes(out),
+        "cpu_time_s": round(time.process_time() - cpu_started, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out / METADATA_FILE).write_text(json.dumps(record, indent=1))
+    return record
+
+
 def train_sdxl(
     out: Path,
     *,
@@ -1081,14 +1060,10 @@ def train_sdxl(
             "diffusion": [round(x, 5) for x in losses],
         },
         "judge": judged,
-        "weights_bytes": weights_bytes(out),
         "wall_time_s": {
             "vae_and_text_encoders": round(first_stage_done - started, 1),
             "diffusion": round(diffusion_done - first_stage_done, 1),
             "total": round(time.time() - started, 1),
         },
-        "cpu_time_s": round(time.process_time() - cpu_started, 1),
-        "torch_threads": torch.get_num_threads(),
     }
-    (out / METADATA_FILE).write_text(json.dumps(record, indent=1))
-    return record
+    return write_record(out, record, cpu_started)

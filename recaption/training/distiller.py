@@ -77,18 +77,20 @@ class Conditioning:
     time_ids: torch.Tensor
 
 
-def training_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise shaped like ``latents``, plus ``noise_offset`` times a constant per sample
-    and channel (offset noise, as diffusers' SDXL training script's ``--noise_offset``).
+def training_noise(
+    latents: torch.Tensor, noise_offset: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gaussian noise shaped like ``latents`` (drawn from ``generator``, else torch's default
+    one), plus ``noise_offset`` times a constant per sample and channel (offset noise, as
+    diffusers' SDXL training script's ``--noise_offset``).
 
     The offset hides the image's mean colour at the noisiest steps, where plain noise on small
     latents still shows it; the model then learns that colour from the prompt, not from the
     starting noise (which, at sampling time, carries no information)."""
-    noise = torch.randn_like(latents)
+    like = {"device": latents.device, "dtype": latents.dtype, "generator": generator}
+    noise = torch.randn(latents.shape, **like)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(
-            (*latents.shape[:2], 1, 1), device=latents.device, dtype=latents.dtype
-        )
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), **like)
     return noise
 
 
