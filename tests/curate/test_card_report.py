@@ -16,9 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import markdown_it
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from recaption import stages
@@ -164,7 +164,6 @@ def test_data_and_config_strings_add_no_markup_to_the_card(run_inputs, curate):
     assert md_code(BAD_MODEL) in body  # a fence longer than any backtick run inside
     assert md_code(BAD_MODEL) == "```evil`model``x <b>```"
 
-    markdown_it = pytest.importorskip("markdown_it")
     rendered = markdown_it.MarkdownIt("commonmark").enable("table").render(body)
     assert "<script" not in rendered and "<img" not in rendered and "<b>" not in rendered
     assert 'href="javascript' not in rendered
