@@ -130,6 +130,36 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     raise ValueError(shape)
 
 
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: object
+) -> None:
+    """Draw one ``shape`` of radius ``r`` centred on ``(cx, cy)``, filled with ``fill``."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "ellipse":
+        draw.ellipse((cx - r, cy - r * 0.6, cx + r, cy + r * 0.6), fill=fill)
+    else:
+        draw.polygon(_shape_points(shape, cx, cy, r), fill=fill)
+
+
+def object_map(truth: dict[str, object]) -> np.ndarray:
+    """Which object each pixel of the image with ground truth ``truth`` shows.
+
+    A ``(height, width)`` uint8 array: 0 for the background, ``i + 1`` where object ``i`` of
+    ``truth["objects"]`` is visible (drawn with the same geometry and order as
+    :func:`draw_image`, so a later object covers an earlier one).
+    """
+    w, h = int(truth["width"]), int(truth["height"])  # type: ignore[call-overload]
+    labels = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(labels)
+    for i, obj in enumerate(truth["objects"]):  # type: ignore[attr-defined]
+        fx, fy = POSITIONS[obj["position"]]
+        _draw_shape(draw, obj["shape"], fx * w, fy * h, SIZES[obj["size"]] * min(w, h), i + 1)
+    return np.asarray(labels)
+
+
 def _background(rng: random.Random, w: int, h: int) -> tuple[Image.Image, dict[str, str]]:
     kind = rng.choice(BACKGROUNDS)
     c1, c2 = rng.sample(sorted(COLOURS), 2)
@@ -173,15 +203,7 @@ def draw_image(rng: random.Random) -> tuple[Image.Image, dict[str, object]]:
         fx, fy = POSITIONS[position]
         r = SIZES[size] * min(w, h)
         cx, cy = fx * w, fy * h
-        fill = COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape == "ellipse":
-            draw.ellipse((cx - r, cy - r * 0.6, cx + r, cy + r * 0.6), fill=fill)
-        else:
-            draw.polygon(_shape_points(shape, cx, cy, r), fill=fill)
+        _draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
         objects.append({"shape": shape, "colour": colour, "size": size, "position": position})
     return image, {"width": w, "height": h, **background, "objects": objects}
 
