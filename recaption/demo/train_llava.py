@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 TRAIN_SEED_BASE = 1_000_000
 EVAL_SEED = 7_777
 IMAGE_SIZE = 96
-TOKEN_PIXELS = 16  # the Swin tower's 4 px patches, merged twice
+TOKEN_PIXELS = 16  # the vision tower's 4 px patches, merged twice
 N_IMAGE_TOKENS = (IMAGE_SIZE // TOKEN_PIXELS) ** 2
 # The caption stage's instructions (caption.prompt dense / short).
 INSTRUCTIONS = (
@@ -134,32 +134,27 @@ def build_model(
         LLAVA_15_CHAT_TEMPLATE,
     )
 
+    # 4 px patches, 3 stages of 2 blocks at widths 32, 64, 128: 96 px -> 6x6 tokens of 128.
+    common = {
+        "image_size": IMAGE_SIZE,
+        "patch_size": 4,
+        "embed_dim": 32,
+        "depths": [2, 2, 2],
+        "mlp_ratio": 2.0,
+        "drop_path_rate": drop_path_rate,
+    }
     if tower == "focalnet":
         vision = FocalNetConfig(
-            image_size=IMAGE_SIZE,
-            patch_size=4,
-            embed_dim=32,
-            depths=[2, 2, 2],
             focal_levels=[2, 2, 2],
             focal_windows=[3, 3, 3],
             use_conv_embed=True,  # an overlapping 7x7 convolution, stride 4
-            mlp_ratio=2.0,
-            drop_path_rate=drop_path_rate,
+            **common,
         )
         # LLaVA's projector reads the tower's width from ``hidden_size``, which Swin has
         # and FocalNet does not: the last stage's width (saved in config.json with it).
         vision.hidden_size = vision.embed_dim * 2 ** (len(vision.depths) - 1)
     elif tower == "swin":
-        vision = SwinConfig(
-            image_size=IMAGE_SIZE,
-            patch_size=4,
-            embed_dim=32,
-            depths=[2, 2, 2],
-            num_heads=[2, 4, 8],
-            window_size=6,
-            mlp_ratio=2.0,
-            drop_path_rate=drop_path_rate,
-        )
+        vision = SwinConfig(num_heads=[2, 4, 8], window_size=6, **common)
     else:
         raise ValueError(f"unknown vision tower {tower!r}: focalnet or swin")
     text = LlamaConfig(
@@ -637,7 +632,7 @@ def train_llava(
     threads: int = 1,
     eval_every: int = 0,
     aux_weight: float = 0.5,
-    vision_steps: int = 4500,
+    vision_steps: int = 8000,
     vision_bank_size: int = 24_000,
     vision_batch_size: int = 32,
     vision_learning_rate: float = 2e-3,
@@ -655,7 +650,8 @@ def train_llava(
     ``TRAIN_SEED_BASE + step * batch_size + i``); AdamW with a linear warm-up and a cosine
     decay to a tenth, the vision tower at ``vision_lr_scale`` times the learning rate. The loss
     is the caption's plus ``aux_weight`` times :class:`AuxHeads`' (discarded after training).
-    ``drop_path_rate`` is the Swin tower's stochastic depth.
+    ``drop_path_rate`` is the vision tower's stochastic depth; ``vision_tower`` its kind
+    (:func:`build_model`).
     Returns what is also written to ``out/recaption_demo.json``: seeds, steps, world version,
     the loss curve's tail and the quick accuracy on unseen images (also every ``eval_every`` steps).
     """

@@ -115,7 +115,8 @@ def load_captioner(
 ) -> Captioner:
     """Load a LLaVA checkpoint (hub id or folder) for batched captioning.
 
-    Safetensors only, SDPA attention, the tokenizer padded on the left. Raises
+    Safetensors only, SDPA attention where the architecture has it (transformers' default),
+    the tokenizer padded on the left. Raises
     :class:`FileNotFoundError` for a missing folder and :class:`RuntimeError` for a checkpoint
     that cannot be loaded or is not a vision-language model.
     """
@@ -133,7 +134,9 @@ def load_captioner(
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             dtype=torch_dtype,
-            attn_implementation="sdpa",
+            # No attn_implementation: transformers takes SDPA for every sub-model that has
+            # it and eager for the others (a convolutional vision tower has no SDPA path, and
+            # forcing it would refuse the whole checkpoint).
         )
     except (OSError, ValueError) as exc:
         raise RuntimeError(

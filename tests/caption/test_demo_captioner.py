@@ -1,12 +1,14 @@
 """The shipped demo captioner has learned the demo world: on a world it never saw, drawn with an
 unseen seed, downloaded and captioned by the pipeline's own stages, its captions state the
-main object's colour, its shape and the background far above chance, and the background's
-colour, which the alt-texts never state.
+main object's colour and shape and the background's colour far above chance and far better
+than the alt-texts of the same images, which never state the background's colour.
 
 The floors below are what the shipped weights measurably clear (with a margin for a small
-world), not the targets: the targets (main object's shape and colour both right >= 90%,
-background >= 80%, false colour or shape mentions <= 5%) need a captioner that names shapes
-better than this one (about two in three right; see recaption_demo.json next to its weights)."""
+world), not the targets: of the targets (main object's shape and colour both right >= 90%,
+background >= 80%, false colour or shape mentions <= 5%), this captioner meets the background
+and, on this small world, shape and colour (91%; 88% on the 256 unseen images of
+recaption_demo.json next to its weights), and not the false mentions (15% here, 30% there),
+which come mostly from the smaller secondary objects."""
 
 from __future__ import annotations
 
@@ -70,18 +72,24 @@ def test_captions_of_an_unseen_world_beat_chance(
     table = accuracy_table(zip([captions[k] for k in keys], truths, strict=True))
     attributes = table["attributes"]
     # Chance: 1/8 for a colour, 1/6 for a shape, 1/48 for both.
+    # Measured on this world (46 images): main shape 96%, colour 93%, both 91%, background
+    # colour 98%, some false colour or shape 15%.
     assert attributes["main_colour"]["right"] >= 0.85, table
-    assert attributes["main_shape"]["right"] >= 0.5, table
-    assert attributes["main_shape_colour"]["right"] >= 0.45, table
-    assert attributes["background_colour"]["right"] >= 0.8, table
+    assert attributes["main_shape"]["right"] >= 0.85, table
+    assert attributes["main_shape_colour"]["right"] >= 0.8, table
+    assert attributes["background_colour"]["right"] >= 0.85, table
+    assert table["false_statements"]["hallucination"] <= 0.3, table
 
     # The alt-texts of the same images, measured the same way, never name the background's
-    # colour. (They name the main object's colour and shape often, about 60%: a third of the
-    # world's alt-texts are "Red circle on a plain background"; this captioner does not beat
-    # that yet.)
+    # colour, and name the main object's colour and shape together far less often (a third
+    # of the world's alt-texts are "Red circle on a plain background", the rest noise).
     originals = {r["key"]: r["original_text"] for r in _rows(run_dir / "captions")}
     baseline = accuracy_table(zip([originals[k] for k in keys], truths, strict=True))
     assert baseline["attributes"]["background_colour"]["right"] <= 0.05, baseline
+    assert (
+        attributes["main_shape_colour"]["right"]
+        >= baseline["attributes"]["main_shape_colour"]["right"] + 0.2
+    ), (table, baseline)
 
 
 def test_train_models_reproduces_a_loadable_captioner(tmp_path: Path) -> None:
