@@ -284,9 +284,12 @@ def token_targets(truth: dict[str, Any], grid: int) -> Any:
     (:data:`DENSE_SHAPES`, :data:`DENSE_COLOURS`, :data:`DENSE_PARTS`, concatenated). Shape
     ``(grid * grid, DENSE_CLASSES)``, float32, each of the three groups summing to 1.
     """
+    return _cell_targets(truth, _square_object_map(truth), grid)
+
+
+def _square_object_map(truth: dict[str, Any]) -> Any:
+    """:func:`recaption.demo.world.object_map` padded to a square with 0, centred."""
     import numpy as np
-    import torch
-    from PIL import Image
 
     labels = object_map(truth)
     h, w = labels.shape
@@ -294,6 +297,15 @@ def token_targets(truth: dict[str, Any], grid: int) -> Any:
     square = np.zeros((side, side), dtype=np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
     square[top : top + h, left : left + w] = labels
+    return square
+
+
+def _cell_targets(truth: dict[str, Any], square: Any, grid: int) -> Any:
+    """:func:`token_targets` from the image's square object map ``square``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     cell = 8
     small = np.asarray(
         Image.fromarray(square).resize((grid * cell, grid * cell), Image.Resampling.NEAREST)
@@ -334,8 +346,11 @@ def aux_labels(truths: list[dict[str, Any]]) -> dict[str, Any]:
         for name, value in values.items():
             labels[name].append(AUX_TARGETS[name].index(value))
     result = {name: torch.tensor(v) for name, v in labels.items()}
+    squares = [_square_object_map(t) for t in truths]  # drawn once for every layer
     for layer, grid in DENSE_LAYERS.items():
-        result[f"tokens_{layer}"] = torch.stack([token_targets(t, grid) for t in truths])
+        result[f"tokens_{layer}"] = torch.stack(
+            [_cell_targets(t, sq, grid) for t, sq in zip(truths, squares, strict=True)]
+        )
     return result
 
 
@@ -357,7 +372,6 @@ class AuxHeads:
         self.layer = model.config.vision_feature_layer
         vision = model.config.vision_config
         width = vision.hidden_size
-        self.features: Any = None
         self.hidden_states: Any = None
         # The position head reads every token; the others a mean and max pool (the same
         # wherever the object is).
@@ -388,7 +402,11 @@ class AuxHeads:
     def _keep(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
         if output.hidden_states is not None:
             self.hidden_states = output.hidden_states
-            self.features = output.hidden_states[self.layer]  # the layer LLaVA reads
+
+    @property
+    def features(self) -> Any:
+        """The last forward pass's hidden states of the layer LLaVA reads."""
+        return self.hidden_states[self.layer]
 
     def logits(self, hidden: Any) -> dict[str, Any]:
         """Each head's logits for the vision tower's hidden states ``hidden``."""
