@@ -615,8 +615,10 @@ def quick_accuracy(
 ) -> dict[str, float | None]:
     """Caption accuracy (:mod:`recaption.caption_accuracy`) on ``n`` images never trained on.
 
-    The main object's colour and shape together, the background colour(s), and the share of
-    captions that name a false colour or shape.
+    The main object's colour and shape together, the background colour(s), the share of
+    captions that name a false colour or shape, and that share among the images with one, two
+    and three objects (``hallucination_<n>_objects``: a secondary object's shape is the hard
+    part).
     """
     from recaption.caption_accuracy import accuracy_table
 
@@ -627,9 +629,10 @@ def quick_accuracy(
     for start in range(0, n, 16):
         captions += caption_images(model, processor, images[start : start + 16])
     logger.info("example caption: %s", captions[0])
-    table = accuracy_table(zip(captions, [truth for _, truth in drawn], strict=True))
+    rows = list(zip(captions, [truth for _, truth in drawn], strict=True))
+    table = accuracy_table(rows)
     attributes = table["attributes"]
-    return {
+    result: dict[str, float | None] = {
         "n": n,
         "main_shape": attributes["main_shape"]["right"],
         "main_colour": attributes["main_colour"]["right"],
@@ -637,6 +640,10 @@ def quick_accuracy(
         "background_colour": attributes["background_colour"]["right"],
         "hallucination": table["false_statements"]["hallucination"],
     }
+    for count in sorted({len(truth["objects"]) for _, truth in rows}):
+        subset = accuracy_table(r for r in rows if len(r[1]["objects"]) == count)
+        result[f"hallucination_{count}_objects"] = subset["false_statements"]["hallucination"]
+    return result
 
 
 def train_llava(

@@ -102,6 +102,10 @@ def test_train_models_reproduces_a_loadable_captioner(tmp_path: Path) -> None:
     assert train_models(["--smoke", "--only", "shapes-llava", "--out", str(out)]) == 0
     record = json.loads((out / "shapes-llava" / "recaption_demo.json").read_text())
     assert record["steps"] == 2 and record["train_image_seeds"][0] > UNSEEN_SEED
+    # The false mentions are also recorded per number of objects in the image.
+    accuracy = record["quick_accuracy_unseen"]
+    per_count = {k for k in accuracy if k.startswith("hallucination_") and k != "hallucination"}
+    assert per_count and per_count <= {f"hallucination_{n}_objects" for n in (1, 2, 3)}, accuracy
     captioner = load_captioner(str(out / "shapes-llava"))
     assert type(captioner.model).__name__ == "LlavaForConditionalGeneration"
     assert not list(out.glob(".*tmp*")), "no half-written folder is left behind"
