@@ -399,6 +399,12 @@ class AuxHeads:
         """Every head's parameters."""
         return [*self.heads.parameters(), *self.dense.parameters()]
 
+    def to(self, device: Any) -> AuxHeads:
+        """Move every head to ``device`` (the model's)."""
+        self.heads.to(device)
+        self.dense.to(device)
+        return self
+
     def _keep(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
         if output.hidden_states is not None:
             self.hidden_states = output.hidden_states
@@ -485,6 +491,52 @@ def fresh_batch(processor: Any, seeds: list[int]) -> tuple[Any, dict[str, Any]]:
     return pixels, aux_labels(truths)
 
 
+def _to(tensors: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {name: value.to(device, non_blocking=True) for name, value in tensors.items()}
+
+
+class StepBatches:
+    """Step ``i``'s batch, drawn from seeds ``seed_base + i * batch_size`` onwards, as a
+    map-style dataset: a ``DataLoader`` with workers draws the next steps' images while the
+    model trains on this one, and yields them in step order, so the batches, and the weights
+    trained on them, are the same with any number of workers.
+
+    ``kind`` is ``"caption"`` (:func:`_batch`'s model inputs and the aux labels of its images)
+    or ``"vision"`` (:func:`fresh_batch`'s pixel values and aux labels).
+    """
+
+    def __init__(
+        self, processor: Any, kind: str, seed_base: int, batch_size: int, steps: int
+    ) -> None:
+        self.processor, self.kind = processor, kind
+        self.seed_base, self.batch_size, self.steps = seed_base, batch_size, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple[Any, dict[str, Any]]:
+        base = self.seed_base + step * self.batch_size
+        seeds = list(range(base, base + self.batch_size))
+        if self.kind == "vision":
+            return fresh_batch(self.processor, seeds)
+        batch, drawn = _batch(self.processor, seeds)
+        return batch, aux_labels([d["truth"] for d in drawn])
+
+
+def step_loader(dataset: StepBatches, workers: int) -> Any:
+    """The batches of ``dataset`` in step order, drawn by ``workers`` processes (0: inline)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=None,  # each item is already a batch
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
 def vision_accuracy(aux: AuxHeads, hidden_states: Any, labels: dict[str, Any]) -> dict[str, float]:
     """Held-out accuracy of the aux heads on a tower's ``hidden_states``: main shape (also per
     main-object size), main colour, first background colour and main position, and the dense
@@ -521,6 +573,8 @@ def pretrain_vision_tower(
     batch_size: int = 64,
     learning_rate: float = 2e-3,
     eval_every: int = 0,
+    device: str = "cpu",
+    workers: int = 0,
 ) -> dict[str, float]:
     """Train the vision tower alone on :class:`AuxHeads`' classification of the ground truth.
 
@@ -530,7 +584,8 @@ def pretrain_vision_tower(
     of that many drawn once, classified by main shape, colour, size, position, background and
     count (and, with the heads' ``dense_weight``, token by token). Returns the held-out
     accuracy (:func:`vision_accuracy`) on 512 images drawn from ``VISION_HELD_OUT_SEED``,
-    which no training step draws.
+    which no training step draws. It trains on ``device`` (the model's); fresh images are drawn
+    by ``workers`` processes (:func:`step_loader`) while it trains.
     """
     import torch
 
@@ -539,6 +594,7 @@ def pretrain_vision_tower(
     if bank_size:
         bank, labels = image_bank(processor, bank_size, VISION_SEED_BASE)
     held_out, held_labels = image_bank(processor, 512, VISION_HELD_OUT_SEED)
+    held_out, held_labels = held_out.to(device), _to(held_labels, device)
     logger.info(
         "vision pretraining: %s, held-out images drawn (%.0f s)",
         f"a bank of {bank_size} images" if bank_size else "fresh images every step",
@@ -551,6 +607,10 @@ def pretrain_vision_tower(
         opt, learning_rate, total_steps=steps, pct_start=0.1
     )
     gen = torch.Generator().manual_seed(0)
+    fresh = None
+    if bank is None:
+        dataset = StepBatches(processor, "vision", VISION_SEED_BASE, batch_size, steps)
+        fresh = iter(step_loader(dataset, workers))
 
     def hidden(pixel_values: Any) -> Any:
         return tower(pixel_values.float(), output_hidden_states=True).hidden_states
@@ -568,9 +628,10 @@ def pretrain_vision_tower(
             idx = torch.randint(0, bank_size, (batch_size,), generator=gen)
             pixels, step_labels = bank[idx], {name: value[idx] for name, value in labels.items()}
         else:
-            base = VISION_SEED_BASE + step * batch_size
-            pixels, step_labels = fresh_batch(processor, list(range(base, base + batch_size)))
-        states = hidden(pixels)
+            assert fresh is not None
+            pixels, step_labels = next(fresh)
+        states = hidden(pixels.to(device))
+        step_labels = _to(step_labels, device)
         loss = aux.loss(step_labels, states[aux.layer], states)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -603,7 +664,7 @@ def caption_images(
     prompt = chat_prompt(processor, INSTRUCTIONS[0])
     inputs = processor(
         text=[prompt] * len(images), images=images, return_tensors="pt", padding=True
-    )
+    ).to(model.device)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1] :]
@@ -666,6 +727,8 @@ def train_llava(
     drop_path_rate: float = 0.0,
     dense_weight: float = 1.0,
     vision_tower: str = "focalnet",
+    device: str = "cpu",
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Train the demo captioner from random weights and ``save_pretrained`` it into ``out``.
 
@@ -676,7 +739,9 @@ def train_llava(
     decay to a tenth, the vision tower at ``vision_lr_scale`` times the learning rate. The loss
     is the caption's plus ``aux_weight`` times :class:`AuxHeads`' (discarded after training).
     ``drop_path_rate`` is the vision tower's stochastic depth; ``vision_tower`` its kind
-    (:func:`build_model`).
+    (:func:`build_model`). Training runs on ``device`` (``"cuda"`` on a GPU node) with
+    ``threads`` CPU threads, while ``workers`` processes draw the next steps' images
+    (:func:`step_loader`; the batches are the same with any number, 0 draws them inline).
     Returns what is also written to ``out/recaption_demo.json``: seeds, steps, world version,
     the loss curve's tail and the quick accuracy on unseen images (also every ``eval_every`` steps).
     """
@@ -689,11 +754,12 @@ def train_llava(
     out = Path(out)
     tokenizer = build_tokenizer(seed)
     model, processor = build_model(tokenizer, drop_path_rate, vision_tower)
+    model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "demo captioner: %.2fM parameters, %d steps of %d", n_params / 1e6, steps, batch_size
     )
-    aux = AuxHeads(model, dense_weight)
+    aux = AuxHeads(model, dense_weight).to(device)
     vision = {}
     if vision_steps:
         vision = pretrain_vision_tower(
@@ -705,6 +771,8 @@ def train_llava(
             batch_size=vision_batch_size,
             learning_rate=vision_learning_rate,
             eval_every=500,
+            device=device,
+            workers=workers,
         )
     tower_params = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower_params}
@@ -730,11 +798,12 @@ def train_llava(
     started = time.monotonic()
     losses: list[float] = []
     aux_losses: list[float] = []
-    for step in range(steps):
-        base = TRAIN_SEED_BASE + step * batch_size
-        batch, drawn = _batch(processor, list(range(base, base + batch_size)))
-        caption_loss = model(**batch).loss
-        aux_loss = aux.loss(aux_labels([d["truth"] for d in drawn]))
+    batches = step_loader(
+        StepBatches(processor, "caption", TRAIN_SEED_BASE, batch_size, steps), workers
+    )
+    for step, (batch, labels) in enumerate(batches):
+        caption_loss = model(**_to(batch, device)).loss
+        aux_loss = aux.loss(_to(labels, device))
         loss = caption_loss + aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -765,7 +834,7 @@ def train_llava(
         pad_token_id=tokenizer.pad_token_id,
     )
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.to("cpu").save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     record = {
         "model": "LlavaForConditionalGeneration (demo captioner)",
@@ -794,6 +863,7 @@ def train_llava(
             "held_out_accuracy": vision,
         },
         "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4),
+        "device": device,
         "wall_time_s": round(time.monotonic() - started, 1),
         "total_wall_time_s": round(time.monotonic() - total_started, 1),
         "quick_accuracy_unseen": accuracy,

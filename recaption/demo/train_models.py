@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -50,18 +51,32 @@ SMOKE: dict[str, dict[str, Any]] = {
 }
 
 
-def train_model(name: str, out_dir: Path, smoke: bool = False) -> dict[str, Any]:
-    """Train demo model ``name`` into ``out_dir / name``: the shipped recipe, or a smoke run."""
+def train_model(
+    name: str, out_dir: Path, smoke: bool = False, device: str | None = None
+) -> dict[str, Any]:
+    """Train demo model ``name`` into ``out_dir / name``: the shipped recipe, or a smoke run.
+
+    ``device`` (e.g. ``"cuda"``) is passed to trainers that take one; the others train on the
+    CPU, and asking them for another device is an error.
+    """
     if name not in TRAINERS:
         raise ValueError(f"unknown demo model {name!r}; trainable: {', '.join(TRAINERS)}")
     module, _, func = TRAINERS[name].partition(":")
     trainer = getattr(importlib.import_module(module), func)
+    device_kwargs: dict[str, Any] = {}
+    if device is not None:
+        if "device" in inspect.signature(trainer).parameters:
+            device_kwargs["device"] = device
+        elif device != "cpu":
+            raise ValueError(
+                f"{name} trains on the CPU only; leave out --device or use --only shapes-llava"
+            )
     final = Path(out_dir) / name
     tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     kwargs = SMOKE[name] if smoke else RECIPES[name]
     logger.info("training %s (%s) into %s", name, SHIPPED.get(name, name), final)
-    record = trainer(tmp, **kwargs)
+    record = trainer(tmp, **kwargs, **device_kwargs)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return record
@@ -79,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="a few steps each: checks the code, not the models"
     )
+    parser.add_argument(
+        "--device", help="train on this torch device, e.g. cuda (shapes-llava; default: cpu)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name in args.only or list(TRAINERS):
-        record = train_model(name, args.out, args.smoke)
+        try:
+            record = train_model(name, args.out, args.smoke, args.device)
+        except ValueError as exc:
+            parser.error(str(exc))
         logger.info("%s: %s", name, json.dumps(record))
     return 0
 

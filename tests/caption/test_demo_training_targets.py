@@ -8,6 +8,7 @@ things silently, so they are checked here against the drawn pixels.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,43 @@ def test_a_smaller_object_on_top_is_the_other_part() -> None:
     centre = 6 * 12 + 6
     assert DENSE_PARTS[parts[centre].argmax()] == "main"
     assert DENSE_SHAPES[shapes[centre].argmax()] == "square"
+
+
+@pytest.mark.parametrize("kind", ["caption", "vision"])
+def test_data_workers_draw_the_same_batches_in_step_order(kind: str) -> None:
+    """The captioner's batches do not depend on how many processes draw them, so the shipped
+    weights are reproduced with any ``workers``."""
+    import torch
+
+    from recaption.demo.train_llava import (
+        StepBatches,
+        build_model,
+        build_tokenizer,
+        step_loader,
+    )
+
+    _, processor = build_model(build_tokenizer(0))
+    dataset = StepBatches(processor, kind, seed_base=5_000_000, batch_size=3, steps=5)
+    inline = list(step_loader(dataset, workers=0))
+    drawn_by_two = list(step_loader(dataset, workers=2))
+    assert len(inline) == len(drawn_by_two) == 5
+    for (batch_a, labels_a), (batch_b, labels_b) in zip(inline, drawn_by_two, strict=True):
+        tensors_a = batch_a if isinstance(batch_a, dict) else {"pixel_values": batch_a}
+        tensors_b = batch_b if isinstance(batch_b, dict) else {"pixel_values": batch_b}
+        for name in ("pixel_values", *(("input_ids", "labels") if kind == "caption" else ())):
+            assert torch.equal(tensors_a[name], tensors_b[name]), name
+        assert labels_a.keys() == labels_b.keys()
+        assert all(torch.equal(labels_a[k], labels_b[k]) for k in labels_a)
+    # Consecutive steps draw different images.
+    first = inline[0][0] if kind == "vision" else inline[0][0]["pixel_values"]
+    second = inline[1][0] if kind == "vision" else inline[1][0]["pixel_values"]
+    assert not torch.equal(first, second)
+
+
+def test_train_models_refuses_a_device_for_a_cpu_only_trainer(tmp_path: Path) -> None:
+    from recaption.demo.train_models import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--only", "shapes-clip", "--device", "cuda", "--out", str(tmp_path), "--smoke"])
+    assert exc.value.code == 2
+    assert not any(tmp_path.iterdir()), "nothing is written"
