@@ -711,7 +711,7 @@ def train_llava(
     out: Path,
     *,
     seed: int = 0,
-    steps: int = 800,
+    steps: int = 2400,
     batch_size: int = 32,
     learning_rate: float = 1.5e-3,
     warmup_steps: int = 150,
