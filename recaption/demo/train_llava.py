@@ -533,7 +533,6 @@ def step_loader(dataset: StepBatches, workers: int) -> Any:
         shuffle=False,
         num_workers=workers,
         prefetch_factor=4 if workers else None,
-        persistent_workers=False,
     )
 
 
@@ -624,12 +623,11 @@ def pretrain_vision_tower(
 
     tower.train()
     for step in range(steps):
-        if bank is not None and labels is not None:
+        if fresh is not None:
+            pixels, step_labels = next(fresh)
+        else:
             idx = torch.randint(0, bank_size, (batch_size,), generator=gen)
             pixels, step_labels = bank[idx], {name: value[idx] for name, value in labels.items()}
-        else:
-            assert fresh is not None
-            pixels, step_labels = next(fresh)
         states = hidden(pixels.to(device))
         step_labels = _to(step_labels, device)
         loss = aux.loss(step_labels, states[aux.layer], states)
