@@ -149,3 +149,46 @@ def test_train_models_refuses_a_device_for_a_cpu_only_trainer(tmp_path: Path) ->
         main(["--only", "shapes-clip", "--device", "cuda", "--out", str(tmp_path), "--smoke"])
     assert exc.value.code == 2
     assert not any(tmp_path.iterdir()), "nothing is written"
+
+
+@pytest.mark.parametrize(("image_size", "tower_width"), [(128, 48), (96, 32)])
+def test_dense_targets_line_up_with_the_towers_tokens(image_size: int, tower_width: int) -> None:
+    """Every dense layer's target grid has exactly the tokens the vision tower outputs there,
+    and the processor's image tokens are the ones LLaVA's projector receives, at any size."""
+    import torch
+
+    from recaption.demo.train_llava import (
+        AuxHeads,
+        as_downloaded,
+        build_model,
+        build_tokenizer,
+        fresh_batch,
+    )
+
+    model, processor = build_model(
+        build_tokenizer(0), image_size=image_size, tower_width=tower_width
+    )
+    aux = AuxHeads(model)
+    pixels, labels = fresh_batch(processor, [11, 12])
+    assert pixels.shape[-2:] == (image_size, image_size)
+    with torch.inference_mode():
+        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    for layer, grid in aux.layers.items():
+        assert states[layer].shape[1] == grid * grid == labels[f"tokens_{layer}"].shape[1]
+    # The prompt holds one <image> token per token of the layer LLaVA reads.
+    rng = random.Random(5)
+    image, _ = draw_image(rng)
+    inputs = processor(
+        text="USER: <image>\nhi ASSISTANT:", images=[as_downloaded(image, rng)], return_tensors="pt"
+    )
+    n_image_tokens = int((inputs["input_ids"] == model.config.image_token_index).sum())
+    assert n_image_tokens == (image_size // 16) ** 2 == states[-1].shape[1]
+    with torch.inference_mode():
+        assert torch.isfinite(aux.loss(labels, states[-1], states))
+
+
+def test_an_image_size_the_tower_cannot_tile_is_refused() -> None:
+    from recaption.demo.train_llava import build_model, build_tokenizer
+
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_model(build_tokenizer(0), image_size=100)
