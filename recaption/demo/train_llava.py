@@ -1,8 +1,8 @@
 """Train the demo's captioner: a tiny LLaVA-1.5 that has learned to describe the demo world.
 
-The model is a real ``LlavaForConditionalGeneration`` (a tiny FocalNet vision tower on 96 px
-images, a 3-layer Llama) with a ``LlavaProcessor`` that pads images to a
-square as LLaVA-1.5 does, so no shape at the image's edge is cropped away. It is trained from
+The model is a real ``LlavaForConditionalGeneration`` (a tiny FocalNet vision tower on 128 px
+squares, a 3-layer Llama) with a ``LlavaProcessor`` that pads images to a square as LLaVA-1.5
+does, so no shape at the image's edge is cropped away. It is trained from
 random weights on demo-world images drawn fresh every step (seeds from ``TRAIN_SEED_BASE``,
 never the ones a demo run or a test draws its world with), each paired with a descriptive
 caption :func:`recaption.demo.describe.describe` writes from the image's ground truth. Images
