@@ -73,12 +73,12 @@ def test_captions_of_an_unseen_world_beat_chance(
     attributes = table["attributes"]
     # Chance: 1/8 for a colour, 1/6 for a shape, 1/48 for both.
     # Measured on this world (46 images): main shape 98%, colour 98%, both 96%, background
-    # colour 98%, some false colour or shape 13%.
+    # colour 100%, some false colour or shape 11%.
     assert attributes["main_colour"]["right"] >= 0.9, table
     assert attributes["main_shape"]["right"] >= 0.9, table
-    assert attributes["main_shape_colour"]["right"] >= 0.88, table
+    assert attributes["main_shape_colour"]["right"] >= 0.9, table
     assert attributes["background_colour"]["right"] >= 0.9, table
-    assert table["false_statements"]["hallucination"] <= 0.22, table
+    assert table["false_statements"]["hallucination"] <= 0.17, table
 
     # The alt-texts of the same images, measured the same way, never name the background's
     # colour, and name the main object's colour and shape together far less often (a third
