@@ -399,7 +399,7 @@ class AuxHeads:
         vision = model.config.vision_config
         width = vision.hidden_size
         self.layers = dense_layers(vision.image_size)
-        n_tokens = (vision.image_size // TOKEN_PIXELS) ** 2
+        n_tokens = model.config.image_seq_length
         self.hidden_states: Any = None
         # The position head reads every token; the others a mean and max pool (the same
         # wherever the object is).
@@ -503,8 +503,9 @@ def image_bank(processor: Any, n: int, seed_base: int) -> tuple[Any, dict[str, A
         )
         for i in range(0, n, 256)
     ]
-    labels = aux_labels(truths, processor_layers(processor))
-    for layer in processor_layers(processor):
+    layers = processor_layers(processor)
+    labels = aux_labels(truths, layers)
+    for layer in layers:
         labels[f"tokens_{layer}"] = labels[f"tokens_{layer}"].to(torch.float16)
     return torch.cat(values), labels
 
