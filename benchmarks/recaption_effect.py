@@ -12,8 +12,13 @@ alt-texts (as SDXL did), so it draws the main object's colour, which half the al
 and not the background's, which none does: the background colour is where the captions can
 teach the student something the alt-texts and the teacher cannot.
 
-    python benchmarks/recaption_effect.py [--n-images 400] [--steps 1500] [--n-prompts 32]
-        [--work DIR] [KEY=VAL ...]
+    python benchmarks/recaption_effect.py [--n-images 400] [--steps 4000] [--n-prompts 64]
+        [--jobs 2] [--work DIR] [KEY=VAL ...]
+
+The two arms train at once, each a process of one thread (``--jobs``, by default one a core,
+at most two). 64 held-out prompts, two seeds each: a column's accuracy is then within about
+4 points (one standard error) of what more samples would give: the same trained arm read 47%
+on the main object's colour from its first 32 prompts and 38% from all 64.
 
 A ``--work`` folder is reused: finished stages are not redone (the driver's markers), so a
 second call only prints again. Without it, a temporary folder is used and removed.
@@ -24,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +128,17 @@ def report(results: dict[str, dict[str, Any]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-images", type=int, default=400, help="demo world size")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps of each arm")
+    parser.add_argument("--steps", type=int, default=4000, help="training steps of each arm")
     parser.add_argument(
-        "--n-prompts", type=int, default=32, help="held-out prompts (x 2 seeds) an arm"
+        "--n-prompts", type=int, default=64, help="held-out prompts (x 2 seeds) an arm"
     )
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(len(ARMS), os.cpu_count() or 1),
+        help="arms trained at once, each a process of one thread (default: one a core)",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run"
     )
@@ -136,18 +149,21 @@ def main() -> int:
     try:
         base = work / "base"
         prepare_dataset(base, args.n_images, args.overrides)
-        results = {
-            arm: run_arm(
-                base,
-                work / arm.split()[0],
-                ratio,
-                args.n_images,
-                args.steps,
-                args.n_prompts,
-                args.overrides,
-            )
-            for arm, ratio in ARMS
-        }
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = {
+                arm: pool.submit(
+                    run_arm,
+                    base,
+                    work / arm.split()[0],
+                    ratio,
+                    args.n_images,
+                    args.steps,
+                    args.n_prompts,
+                    args.overrides,
+                )
+                for arm, ratio in ARMS
+            }
+            results = {arm: future.result() for arm, future in futures.items()}
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
