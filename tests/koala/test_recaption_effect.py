@@ -8,6 +8,7 @@ and the summary compares each arm at its own best scale.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -123,3 +124,12 @@ def test_summary_compares_each_arm_at_its_own_best_scale(effect: ModuleType) -> 
     tables = effect.report({arm: by_scale[3.0] for arm, by_scale in sweep.items()}, 3.0)
     assert tables.splitlines()[0].startswith("guidance 3")
     assert "teacher" in tables.splitlines()[0]
+
+
+def test_guidance_scales_are_one_comma_separated_argument(effect: ModuleType) -> None:
+    # One argument, so the KEY=VALUE overrides that follow are never taken for scales.
+    assert effect._scales("3,5,7.5,10") == [3.0, 5.0, 7.5, 10.0]
+    assert effect._scales("7.5") == [7.5]
+    for bad in ("3,x", "", "0,5", "evaluate.world_seed=1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            effect._scales(bad)
