@@ -632,7 +632,11 @@ class SampleConfig(Section):
     )
     num_inference_steps: int = Field(25, gt=0)
     guidance_scale: float = 7.5
-    negative_prompt: str = "worst quality, low quality, illustration, low resolution"
+    negative_prompt: str = Field(
+        "worst quality, low quality, illustration, low resolution",
+        description='KOALA\'s negative prompt. "": the unconditional branch a model learnt '
+        "from empty prompts (the demo's models, which know no other words).",
+    )
     height: int = Field(1024, gt=0)
     width: int = Field(1024, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -691,7 +695,11 @@ class EvaluateConfig(Section):
     )
     num_inference_steps: int = Field(25, gt=0)
     guidance_scale: float = 7.5
-    negative_prompt: str = "worst quality, low quality, illustration, low resolution"
+    negative_prompt: str = Field(
+        "worst quality, low quality, illustration, low resolution",
+        description='KOALA\'s negative prompt. "": the unconditional branch a model learnt '
+        "from empty prompts (the demo's models, which know no other words).",
+    )
     height: int = Field(1024, gt=0, multiple_of=8, description="Divisible by 8 (the VAE's).")
     width: int = Field(1024, gt=0, multiple_of=8, description="Divisible by 8 (the VAE's).")
     with_teacher: bool = Field(
