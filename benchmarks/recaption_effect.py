@@ -118,7 +118,7 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):5.1f}%"
 
 
-def report(results: dict[str, dict[str, Any]], guidance: float | None = None) -> str:
+def report(results: dict[str, dict[str, Any]], guidance: float) -> str:
     """The two arms side by side at one guidance scale, with the teacher they were distilled
     from (when evaluated), chance level and the judge's own accuracy."""
     first = next(iter(results.values()))
@@ -127,8 +127,7 @@ def report(results: dict[str, dict[str, Any]], guidance: float | None = None) ->
     if teacher:
         columns["teacher"] = teacher
     attributes = sorted(first.get("attributes") or {})
-    title = "" if guidance is None else f"guidance {guidance:g}"
-    header = f"{title:24s}" + "".join(f"{name:>20s}" for name in columns)
+    header = f"{f'guidance {guidance:g}':24s}" + "".join(f"{name:>20s}" for name in columns)
     lines = [header + f"{'chance':>9s}{'judge':>9s}"]
     for name in attributes:
         row = f"{name + ' accuracy':24s}"
@@ -163,6 +162,7 @@ def best_report(sweep: dict[str, dict[float, dict[str, Any]]]) -> str:
     attributes = sorted(first.get("attributes") or {})
     header = f"{'best guidance':24s}" + "".join(f"{name:>20s}" for name in columns)
     lines = [header + f"{'captions - alt-text':>22s}"]
+    arms = list(sweep)
     for name in attributes:
         row = f"{name + ' accuracy':24s}"
         best: dict[str, float] = {}
@@ -172,7 +172,6 @@ def best_report(sweep: dict[str, dict[float, dict[str, Any]]]) -> str:
             )
             best[column] = result["attributes"][name]["sample_accuracy"]
             row += f"{_pct(best[column]) + f' (at {scale:g})':>20s}"
-        arms = [column for column in sweep]
         if len(arms) == 2:
             row += f"{100 * (best[arms[1]] - best[arms[0]]):+21.1f}"
         lines.append(row)

@@ -613,6 +613,14 @@ class TrainConfig(Section):
     seed: int = 0
 
 
+# The negative prompt of KOALA's model card; the sample and evaluate stages' default.
+KOALA_NEGATIVE_PROMPT = "worst quality, low quality, illustration, low resolution"
+NEGATIVE_PROMPT_HELP = (
+    'KOALA\'s negative prompt. "": the unconditional branch a model learnt from empty prompts '
+    "(the demo's models, which know no other words)."
+)
+
+
 class SampleConfig(Section):
     """Sampling the trained student (and optionally the teacher), KOALA's published defaults."""
 
@@ -632,11 +640,7 @@ class SampleConfig(Section):
     )
     num_inference_steps: int = Field(25, gt=0)
     guidance_scale: float = 7.5
-    negative_prompt: str = Field(
-        "worst quality, low quality, illustration, low resolution",
-        description='KOALA\'s negative prompt. "": the unconditional branch a model learnt '
-        "from empty prompts (the demo's models, which know no other words).",
-    )
+    negative_prompt: str = Field(KOALA_NEGATIVE_PROMPT, description=NEGATIVE_PROMPT_HELP)
     height: int = Field(1024, gt=0)
     width: int = Field(1024, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -695,11 +699,7 @@ class EvaluateConfig(Section):
     )
     num_inference_steps: int = Field(25, gt=0)
     guidance_scale: float = 7.5
-    negative_prompt: str = Field(
-        "worst quality, low quality, illustration, low resolution",
-        description='KOALA\'s negative prompt. "": the unconditional branch a model learnt '
-        "from empty prompts (the demo's models, which know no other words).",
-    )
+    negative_prompt: str = Field(KOALA_NEGATIVE_PROMPT, description=NEGATIVE_PROMPT_HELP)
     height: int = Field(1024, gt=0, multiple_of=8, description="Divisible by 8 (the VAE's).")
     width: int = Field(1024, gt=0, multiple_of=8, description="Divisible by 8 (the VAE's).")
     with_teacher: bool = Field(
