@@ -6,9 +6,9 @@ than the alt-texts of the same images, which never state the background's colour
 The floors below are what the shipped weights measurably clear (with a margin for a small
 world), not the targets: of the targets (main object's shape and colour both right >= 90%,
 background >= 80%, false colour or shape mentions <= 5%), this captioner meets the first two
-(96% and 100% on this small world; 95% and 98% on the 256 unseen images of recaption_demo.json
-next to its weights), and the false mentions only on images of one object (none there); over
-all images they are 11% here and 12.5% there, mostly a secondary object's shape misnamed."""
+(96% and 98% on this small world; 98% and 99% on the 256 unseen images of recaption_demo.json
+next to its weights), and the false mentions here (4%) but not there (8%: none on images of
+one object, 12% on two, 23% on three), mostly a secondary object's shape misnamed."""
 
 from __future__ import annotations
 
@@ -73,12 +73,12 @@ def test_captions_of_an_unseen_world_beat_chance(
     attributes = table["attributes"]
     # Chance: 1/8 for a colour, 1/6 for a shape, 1/48 for both.
     # Measured on this world (46 images): main shape 98%, colour 98%, both 96%, background
-    # colour 100%, some false colour or shape 11%.
+    # colour 98%, some false colour or shape 4% (2 of 46).
     assert attributes["main_colour"]["right"] >= 0.9, table
     assert attributes["main_shape"]["right"] >= 0.9, table
     assert attributes["main_shape_colour"]["right"] >= 0.9, table
     assert attributes["background_colour"]["right"] >= 0.9, table
-    assert table["false_statements"]["hallucination"] <= 0.17, table
+    assert table["false_statements"]["hallucination"] <= 0.09, table
 
     # The alt-texts of the same images, measured the same way, never name the background's
     # colour, and name the main object's colour and shape together far less often (a third

@@ -92,14 +92,14 @@ def test_the_demo_measures_its_captions_and_its_model(demo_run: Path) -> None:
     accuracy = stats["caption_accuracy"]
     synthetic, alt_text = accuracy["synthetic"], accuracy["alt_text"]
     assert accuracy["n"] >= 30 and accuracy["n_without_truth"] == 0
-    # Measured on this world (45 kept): main colour 98%, shape and colour 96%, background
-    # colour 100%, some false colour or shape 7%; the alt-texts: shape and colour 53%,
-    # background 0%. The shape-and-colour and background goals (90%, 80%) are met; the false
-    # mentions' goal (5%) not yet: 10% on the full demo's 227 kept captions (README).
+    # Measured on this world (45 kept): main colour 98%, shape and colour 98%, background
+    # colour 100%, some false colour or shape 2% (1 of 45); the alt-texts: shape and colour
+    # 53%, background 0%. The goals (90%, 80%, 5% false) are met here and on the full demo's
+    # 227 kept captions (4.4% false); on 256 unseen images the false mentions are 8% (README).
     assert synthetic["attributes"]["main_colour"]["right"] >= 0.9, synthetic
     assert synthetic["attributes"]["main_shape_colour"]["right"] >= 0.9, synthetic
     assert synthetic["attributes"]["background_colour"]["right"] >= 0.9, synthetic
-    assert synthetic["false_statements"]["hallucination"] <= 0.12, synthetic
+    assert synthetic["false_statements"]["hallucination"] <= 0.09, synthetic
     assert alt_text["attributes"]["background_colour"]["right"] <= 0.05, alt_text
     # The captions state the main object better than its alt-text does, by a wide margin.
     assert (
