@@ -173,6 +173,9 @@ def evaluation_status(config: RunConfig) -> dict[str, Any]:
             status[f"{attr}_accuracy"] = values.get("sample_accuracy")
             status[f"{attr}_judge_accuracy"] = values.get("judge_accuracy")
             status[f"{attr}_chance"] = values.get("chance")
+    swaps = result.get("colour_swaps")
+    if isinstance(swaps, dict):
+        status["colour_swap_rate"] = swaps.get("swap_rate")
     return status
 
 
@@ -283,6 +286,8 @@ def _evaluation_line(evaluation: dict[str, Any]) -> str:
                 f"(judge {percent(evaluation.get(f'{attr}_judge_accuracy'))}, chance "
                 f"{percent(evaluation.get(f'{attr}_chance'))})"
             )
+    if "colour_swap_rate" in evaluation:
+        parts.append(f"colours swapped {percent(evaluation['colour_swap_rate'])}")
     return ", ".join(parts) + f" over {evaluation.get('n_samples')} samples"
 
 

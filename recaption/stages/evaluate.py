@@ -16,7 +16,9 @@ The prompts are ``evaluate.prompts``, or (empty) ``evaluate.n_prompts`` captions
 ``evaluate.world_seed``. Writes ``run_dir/evaluation/``:
 
 - ``evaluation.json``: the model, prompts, seeds and settings; the mean CLIP score; per
-  attribute the samples' accuracy, the chance level and the judge's measured accuracy;
+  attribute the samples' accuracy, the chance level and the judge's measured accuracy; and
+  how often the two colours a prompt asks for are drawn, both, on each other's place
+  (``colour_swaps``: attribute binding, the classic failure of text-to-image models);
 - ``samples.parquet``: one row per model, prompt and seed (prompt, seed, CLIP score, expected
   and judged attributes, whether each is right, the PNG bytes);
 - ``grid.png``: one row per prompt, one column per model and seed.
@@ -60,7 +62,7 @@ from recaption.stages.sample import _model_stamp, make_grid, pipeline_path, samp
 
 logger = logging.getLogger(__name__)
 
-EVALUATION_FORMAT = 1
+EVALUATION_FORMAT = 2  # 2: colour_swaps
 RESULT_FILE = "evaluation.json"
 TABLE_FILE = "samples.parquet"
 GRID_FILE = "grid.png"
@@ -275,6 +277,7 @@ class EvaluateStage(SingleOutputStage):
             "clip_model": cfg.clip_model,
             "mean_clip_score": per_model["koala"]["mean_clip_score"],
             "attributes": attributes,
+            "colour_swaps": per_model["koala"]["colour_swaps"],
             "judge": None,
         }
         if "teacher" in per_model:
@@ -341,8 +344,34 @@ def score_row(row: dict[str, Any], judge: PixelJudge, expected: dict[str, str]) 
     row["judged_object_share"] = judgement.object_share
 
 
+def colour_swaps(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How often the object and background colours are exchanged: among the rows whose
+    prompt asks for an object colour and a different background colour, those whose judged
+    object colour is the asked background's and judged background colour the asked object's.
+
+    A model that knows both colour words but not which one goes where draws them swapped
+    ("a white ellipse on a purple background" as a purple ellipse on white): attribute
+    binding, measured apart from not knowing a colour at all. None without such rows."""
+    pairs = [
+        r
+        for r in rows
+        if r.get("expected_object_colour")
+        and r.get("expected_background_colour")
+        and r["expected_object_colour"] != r["expected_background_colour"]
+    ]
+    if not pairs:
+        return None
+    swapped = sum(
+        r.get("judged_object_colour") == r["expected_background_colour"]
+        and r.get("judged_background_colour") == r["expected_object_colour"]
+        for r in pairs
+    )
+    return {"swapped": swapped, "n": len(pairs), "swap_rate": round(swapped / len(pairs), 4)}
+
+
 def model_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One model's numbers: samples, mean CLIP score, per attribute the samples' accuracy."""
+    """One model's numbers: samples, mean CLIP score, per attribute the samples' accuracy,
+    and its :func:`colour_swaps`."""
     scores = [r["clip_score"] for r in rows if r.get("clip_score") is not None]
     attributes = {}
     for attr in ATTRIBUTES:
@@ -357,11 +386,13 @@ def model_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "n_samples": len(rows),
         "mean_clip_score": round(fmean(scores), 4) if scores else None,
         "attributes": attributes,
+        "colour_swaps": colour_swaps(rows),
     }
 
 
 def headline(result: dict[str, Any]) -> str:
-    """``mean CLIP score 21.3, object colour 40.0% (judge 100.0%, chance 14.3%)``."""
+    """``mean CLIP score 21.3, object colour 40.0% of 24 (judge 100.0%, chance 14.3%), colours
+    swapped 8.3% of 24``."""
     parts = []
     if result.get("mean_clip_score") is not None:
         parts.append(f"mean CLIP score {result['mean_clip_score']:.2f}")
@@ -372,6 +403,9 @@ def headline(result: dict[str, Any]) -> str:
             f"(judge {'-' if judge is None else f'{100 * judge:.1f}%'}, "
             f"chance {100 * values['chance']:.1f}%)"
         )
+    swaps = result.get("colour_swaps")
+    if swaps:
+        parts.append(f"colours swapped {100 * swaps['swap_rate']:.1f}% of {swaps['n']}")
     return ", ".join(parts) or "no scores"
 
 

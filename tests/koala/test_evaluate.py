@@ -26,7 +26,7 @@ from recaption.judge import (
 from recaption.ledger import StageSummary
 from recaption.stages import StageContext
 from recaption.stages import run as run_stage
-from recaption.stages.evaluate import expected_attributes, world_prompts
+from recaption.stages.evaluate import colour_swaps, expected_attributes, world_prompts
 from recaption.status import collect_status, format_status
 
 SIZE = 64
@@ -120,6 +120,28 @@ def test_world_prompts_are_held_out_reproducible_and_judged() -> None:
     assert {p.text for p in other}.isdisjoint(p.text for p in prompts)
 
 
+def _row(want: tuple[str, str], judged: tuple[str | None, str | None]) -> dict[str, object]:
+    return {
+        "expected_object_colour": want[0],
+        "expected_background_colour": want[1],
+        "judged_object_colour": judged[0],
+        "judged_background_colour": judged[1],
+    }
+
+
+def test_colour_swaps_count_only_both_colours_exchanged() -> None:
+    rows = [
+        _row(("white", "purple"), ("purple", "white")),  # swapped
+        _row(("white", "purple"), ("white", "purple")),  # right
+        _row(("white", "purple"), ("purple", "purple")),  # object wrong, not a swap
+        _row(("green", "black"), ("black", None)),  # background declined: not a swap
+        _row(("red", "red"), ("red", "red")),  # one colour asked twice: no binding to test
+        {"expected_object_colour": "red", "expected_background_colour": None},  # no background
+    ]
+    assert colour_swaps(rows) == {"swapped": 1, "n": 4, "swap_rate": 0.25}
+    assert colour_swaps(rows[4:]) is None
+
+
 # -- the stage ----------------------------------------------------------------------------------
 def test_evaluate_writes_scores_judge_accuracy_and_grid(trained: RunConfig) -> None:
     config = evaluate_config(trained)
@@ -154,6 +176,7 @@ def test_evaluate_writes_scores_judge_accuracy_and_grid(trained: RunConfig) -> N
             assert image.format == "PNG" and image.size == (SIZE, SIZE)
     n_right = sum(r["object_colour_correct"] for r in rows)
     assert n_right == result["attributes"]["object_colour"]["correct"]
+    assert result["colour_swaps"] == colour_swaps(rows) and result["colour_swaps"]["n"] == 6
     with Image.open(folder / "grid.png") as grid:
         assert grid.height > 3 * SIZE
     assert not (folder / "_sampling").exists()
@@ -163,6 +186,7 @@ def test_evaluate_writes_scores_judge_accuracy_and_grid(trained: RunConfig) -> N
     assert report["written"] and report["mean_clip_score"] == result["mean_clip_score"]
     assert "evaluate: mean CLIP score" in format_status(collect_status(config))
     assert "object colour accuracy" in format_status(collect_status(config))
+    assert "colours swapped" in format_status(collect_status(config))
 
     # Same inputs: a no-op.
     before = (folder / "evaluation.json").stat().st_mtime_ns

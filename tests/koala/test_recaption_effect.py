@@ -124,6 +124,23 @@ def test_summary_compares_each_arm_at_its_own_best_scale(effect: ModuleType) -> 
     tables = effect.report({arm: by_scale[3.0] for arm, by_scale in sweep.items()}, 3.0)
     assert tables.splitlines()[0].startswith("guidance 3")
     assert "teacher" in tables.splitlines()[0]
+    # an evaluation.json without colour_swaps (written before they were counted) shows "-"
+    swaps = next(line for line in tables.splitlines() if line.startswith("colours swapped"))
+    assert swaps.split()[2:] == ["-", "-", "-"]
+
+
+def test_swapped_colours_are_a_row_of_their_own(effect: ModuleType) -> None:
+    swapped = {"swapped": 25, "n": 128, "swap_rate": 25 / 128}
+    results = {
+        "alt-text": evaluation(47, 7, colour_swaps={"swapped": 5, "n": 128, "swap_rate": 5 / 128}),
+        "synthetic captions": evaluation(61, 75, colour_swaps=swapped),
+    }
+    row = next(
+        line
+        for line in effect.report(results, 5.0).splitlines()
+        if line.startswith("colours swapped")
+    )
+    assert row.split()[2:] == ["3.9%", "(5/128)", "19.5%", "(25/128)"]
 
 
 def test_guidance_scales_are_one_comma_separated_argument(effect: ModuleType) -> None:
