@@ -270,7 +270,8 @@ def format_status(report: dict[str, Any]) -> str:
 
 
 def _evaluation_line(evaluation: dict[str, Any]) -> str:
-    """``mean CLIP score 21.30, object colour accuracy 40.0% (judge 100.0%, chance 14.3%)``."""
+    """``mean CLIP score 21.30, object colour accuracy 40.0% (judge 100.0%, chance 14.3%),
+    colours swapped 8.3% over 24 samples``."""
     if not evaluation.get("written"):
         return "not written yet"
 
